@@ -1,0 +1,21 @@
+"""RetinaNet R101-FPN on COCO 2017, mmdetection retinanet_r101_fpn_1x_coco (`:2x` for 2x).
+
+This is the FRS RetinaNet teacher.
+Command:
+  python -m jdistill.main --config=configs/retinanet_r101_coco.py --workdir=/tmp/retina_r101 \
+      --config.data.root=/data/coco --config.model.init=/ckpt/resnet101_torchvision_orbax
+Expected: 38.5 box AP (1x), 38.9 (2x), the mmdetection model-zoo numbers.
+Hardware: 8 GPUs x 2 images (global batch 16).
+"""
+
+from jdistill import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False, schedule="1x")
+    config = config_lib.base(config_lib.retinanet(101), config_lib.coco_data(), lr=0.01)
+    if args.schedule == "2x":
+        config.schedule = config_lib.step_schedule(24, (16, 22))
+    if args.runlocal:
+        config_lib.shrink_for_runlocal(config)
+    return config

@@ -1,0 +1,21 @@
+"""RetinaNet R50-FPN on COCO 2017, mmdetection retinanet_r50_fpn_1x_coco (`:2x` for 2x).
+
+Command (COCO in its usual layout under /data/coco):
+  python -m jdistill.main --config=configs/retinanet_r50_coco.py --workdir=/tmp/retina_r50 \
+      --config.data.root=/data/coco --config.model.init=/ckpt/resnet50_torchvision_orbax
+Expected: 36.5 box AP (1x), 37.4 (2x), the mmdetection model-zoo numbers.
+Hardware: 8 GPUs x 2 images (global batch 16), ~90k steps for 1x.
+`:runlocal` trains a tiny network a few steps on synthetic data (CI).
+"""
+
+from jdistill import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False, schedule="1x", depth=50)
+    config = config_lib.base(config_lib.retinanet(args.depth), config_lib.coco_data(), lr=0.01)
+    if args.schedule == "2x":
+        config.schedule = config_lib.step_schedule(24, (16, 22))
+    if args.runlocal:
+        config_lib.shrink_for_runlocal(config)
+    return config

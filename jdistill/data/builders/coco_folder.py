@@ -1,0 +1,160 @@
+"""coco_folder: COCO-layout data already on disk (an images folder plus an instances JSON).
+
+Layout: `<root>/<split_dir>/*.jpg` and `<root>/annotations/instances_<split_dir>.json`, with
+`train2017` -> 'train' and `val2017` -> 'validation' by default (`../shared/data/coco8`, or a
+full COCO 2017 download). Annotations follow mmdetection's `CocoDataset` rules
+(`specs/detectors.md` §1.1 step 7): boxes [x, y, x + w, y + h] (no -1), labels 0..K-1 in the
+order of sorted category ids, and annotations with area <= 0, w < 1, h < 1 or no overlap with the
+image are skipped (and counted). Crowd boxes are kept with `is_crowd` for evaluation.
+JPEG bytes are stored as they are, never re-encoded.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from jdistill.data.builders import features
+
+DEFAULT_SPLITS = {"train": "train2017", "validation": "val2017"}
+
+
+class CocoFolderError(ValueError):
+    """A malformed COCO folder or annotation file; the message names the file."""
+
+
+def config_name(root):
+    """A tfds config name unique to a folder: its basename plus a hash of its absolute path."""
+    root = os.path.abspath(root)
+    digest = hashlib.sha1(root.encode()).hexdigest()[:8]
+    slug = "".join(c if c.isalnum() else "_" for c in os.path.basename(root.rstrip("/")))
+    return f"{slug.lower()}_{digest}"
+
+
+def read_annotations(ann_file):
+    """Loads and checks a COCO instances JSON. -> (dict, sorted category ids, class names)."""
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise CocoFolderError(f"annotation file not found: {ann_file}") from e
+    except json.JSONDecodeError as e:
+        raise CocoFolderError(f"{ann_file} is not valid JSON: {e}") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CocoFolderError(f"{ann_file} has no '{key}' list; is it a COCO instances file?")
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    return data, [c["id"] for c in cats], [c["name"] for c in cats]
+
+
+def convert_annotations(anns, height, width, cat_to_label, source):
+    """mmdetection's `_parse_ann_info`, plus crowd flags. -> (objects dict, skipped count)."""
+    boxes, labels, areas, crowd = [], [], [], []
+    skipped = 0
+    for ann in anns:
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            cat = ann["category_id"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CocoFolderError(f"{source}: malformed annotation {ann.get('id')}: {e}") from e
+        if cat not in cat_to_label:
+            raise CocoFolderError(
+                f"{source}: annotation {ann.get('id')} has unknown category {cat}"
+            )
+        inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
+        inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
+        if inter_w * inter_h == 0 or ann.get("area", w * h) <= 0 or w < 1 or h < 1:
+            skipped += 1
+            continue
+        boxes.append([x, y, x + w, y + h])
+        labels.append(cat_to_label[cat])
+        areas.append(float(ann.get("area", w * h)))
+        crowd.append(bool(ann.get("iscrowd", 0)))
+    objects = {
+        "bbox": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "label": np.asarray(labels, np.int64),
+        "area": np.asarray(areas, np.float32),
+        "is_crowd": np.asarray(crowd, bool),
+    }
+    return objects, skipped
+
+
+def _check_image(path, height, width):
+    """Raises CocoFolderError naming `path` if it is unreadable or not the size the JSON says."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except (OSError, SyntaxError) as e:
+        raise CocoFolderError(f"unreadable image {path}: {e}") from e
+    if size != (width, height):
+        raise CocoFolderError(
+            f"{path} is {size[0]}x{size[1]} but its annotation says {width}x{height}"
+        )
+
+
+class CocoFolder(tfds.core.GeneratorBasedBuilder):
+    """A COCO-layout folder as a tfds data set (array_record)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def __init__(self, *, root, splits=None, **kwargs):
+        self._root = os.path.abspath(root)
+        self._splits = dict(splits or DEFAULT_SPLITS)
+        if not os.path.isdir(self._root):
+            raise CocoFolderError(f"COCO folder not found: {self._root}")
+        first = self._ann_file(next(iter(self._splits.values())))
+        _, self._cat_ids, self._names = read_annotations(first)
+        config = tfds.core.BuilderConfig(name=config_name(self._root))
+        super().__init__(config=config, **kwargs)
+
+    def _ann_file(self, split_dir):
+        return os.path.join(self._root, "annotations", f"instances_{split_dir}.json")
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=features.feature_dict(self._names, "jpeg"),
+            metadata=tfds.core.MetadataDict(category_ids=self._cat_ids, root=self._root),
+            description=__doc__,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {name: self._generate_examples(d) for name, d in self._splits.items()}
+
+    def _generate_examples(self, split_dir):
+        ann_file = self._ann_file(split_dir)
+        data, cat_ids, _ = read_annotations(ann_file)
+        if cat_ids != self._cat_ids:
+            raise CocoFolderError(f"{ann_file}: categories differ from the other splits'")
+        cat_to_label = {c: i for i, c in enumerate(cat_ids)}
+        by_image = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann.get("image_id"), []).append(ann)
+        total_skipped = 0
+        for img in data["images"]:
+            path = os.path.join(self._root, split_dir, img["file_name"])
+            if not os.path.isfile(path):
+                raise CocoFolderError(f"{ann_file}: image {img['id']} file not found: {path}")
+            _check_image(path, img["height"], img["width"])
+            objects, skipped = convert_annotations(
+                by_image.get(img["id"], []), img["height"], img["width"], cat_to_label, path
+            )
+            total_skipped += skipped
+            yield (
+                img["id"],
+                {
+                    "image": path,
+                    "image_id": img["id"],
+                    "height": img["height"],
+                    "width": img["width"],
+                    "objects": objects,
+                },
+            )
+        if total_skipped:
+            logging.warning("%s: skipped %d unusable annotations", ann_file, total_skipped)

@@ -1,0 +1,296 @@
+"""The input pipeline: tfds data sources read by grain, with static shapes.
+
+- `load_split` prepares the configured tfds builder (array_record) and reads per-example
+  metadata (size, boxes) without decoding images; it is cached beside the prepared data.
+- `TrainSampler` is mmdetection's GroupSampler made deterministic: per epoch, images are
+  grouped by canvas (landscape / portrait), shuffled, cut into global batches (a group's tail is
+  filled with random repeats, as mmdetection does), and the batches shuffled. Batch `step` is a
+  pure function of (seed, step), so the iterator state is one integer and a resumed run reads the
+  same next batch.
+- Each host loads only its slice of every global batch (per-host sharding).
+- `train_iterator` / `eval_batches` wrap it in grain (`MapDataset` -> threads + prefetch); the
+  grain iterator's state goes into the checkpoint.
+"""
+
+import dataclasses
+import functools
+import os
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from jdistill.data import transforms
+from jdistill.data.builders import coco_folder, features, synthetic_shapes
+
+META_VERSION = 1
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a data set: a random-access source plus metadata read without images.
+
+    heights, widths, image_ids: [N] arrays; objects: list of N dicts (bbox [n, 4] original
+    pixels, label [n], area [n], is_crowd [n]).
+    """
+
+    name: str
+    source: object
+    heights: np.ndarray
+    widths: np.ndarray
+    image_ids: np.ndarray
+    objects: list
+    class_names: tuple
+    category_ids: tuple
+
+    def __len__(self):
+        return len(self.heights)
+
+
+def get_builder(data_cfg):
+    """The tfds builder a `data` config block names (prepared on first use)."""
+    data_dir = features.default_data_dir(data_cfg.get("data_dir") or None)
+    name = data_cfg.builder
+    if name == "synthetic_shapes":
+        return synthetic_shapes.SyntheticShapes(data_dir=data_dir)
+    if name == "coco_folder":
+        if not data_cfg.get("root"):
+            raise ValueError("data.builder='coco_folder' needs data.root (a COCO-layout folder)")
+        return coco_folder.CocoFolder(root=data_cfg.root, data_dir=data_dir)
+    raise ValueError(f"unknown data.builder {name!r}; use 'synthetic_shapes' or 'coco_folder'")
+
+
+def _read_meta(builder, split):
+    cache = os.path.join(builder.data_dir, f"jdistill_meta_{split}_v{META_VERSION}.npz")
+    if os.path.exists(cache):
+        with np.load(cache, allow_pickle=False) as z:
+            counts = z["counts"]
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            objects = [
+                {
+                    k: z[k][offsets[i] : offsets[i + 1]]
+                    for k in ("bbox", "label", "area", "is_crowd")
+                }
+                for i in range(len(counts))
+            ]
+            return z["heights"], z["widths"], z["image_ids"], objects
+    meta_source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    heights, widths, ids, objects = [], [], [], []
+    for i in range(len(meta_source)):
+        ex = meta_source[i]
+        heights.append(ex["height"])
+        widths.append(ex["width"])
+        ids.append(ex["image_id"])
+        objects.append({k: np.asarray(v) for k, v in ex["objects"].items()})
+    cat = {
+        k: np.concatenate([o[k] for o in objects]) if objects else np.zeros(0) for k in objects[0]
+    }
+    tmp = cache + f".tmp{os.getpid()}.npz"
+    np.savez(
+        tmp,
+        heights=np.asarray(heights, np.int32),
+        widths=np.asarray(widths, np.int32),
+        image_ids=np.asarray(ids, np.int64),
+        counts=np.asarray([len(o["label"]) for o in objects], np.int64),
+        bbox=cat["bbox"].reshape(-1, 4).astype(np.float32),
+        label=cat["label"].astype(np.int64),
+        area=cat["area"].astype(np.float32),
+        is_crowd=cat["is_crowd"].astype(bool),
+    )
+    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+    return np.asarray(heights), np.asarray(widths), np.asarray(ids), objects
+
+
+def load_split(data_cfg, split):
+    """Prepares (once) and opens `split` ('train' or 'validation') of the configured data set."""
+    builder = get_builder(data_cfg)
+    if jax.process_index() == 0 or not os.path.exists(builder.data_dir):
+        builder.download_and_prepare(file_format="array_record")
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.name} has no split {split!r}: {list(builder.info.splits)}")
+    heights, widths, ids, objects = _read_meta(builder, split)
+    return Split(
+        name=split,
+        source=builder.as_data_source(split),
+        heights=np.asarray(heights),
+        widths=np.asarray(widths),
+        image_ids=np.asarray(ids),
+        objects=objects,
+        class_names=tuple(builder.info.features["objects"]["label"].names),
+        category_ids=tuple(int(c) for c in builder.info.metadata["category_ids"]),
+    )
+
+
+def canvas_of(h, w, data_cfg):
+    """The canvas an h x w original image goes to at the largest configured scale."""
+    nh, nw, _ = transforms.rescale_size(h, w, max(data_cfg.scales, key=min))
+    return transforms.choose_canvas(nh, nw, [tuple(c) for c in data_cfg.canvases])
+
+
+def process_example(ex, *, data_cfg, train, rng):
+    """Decoded tfds example -> one padded, fixed-shape example (numpy).
+
+    Returns a dict: image [H, W, 3] uint8 canvas; boxes [G, 4] float32 canvas pixels; labels [G]
+    int32; box_valid [G] bool; img_shape, pad_shape, orig_shape [2] int32; scale_factor [2]
+    float32 (x, y); image_id int64; image_valid bool; dropped_boxes int32.
+    """
+    image = np.asarray(ex["image"])
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image {ex['image_id']}: expected [H, W, 3], got {image.shape}")
+    obj = ex["objects"]
+    keep = ~np.asarray(obj["is_crowd"], bool)  # crowd boxes are never trained on
+    boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)[keep]
+    labels = np.asarray(obj["label"], np.int64)[keep]
+    scales = [tuple(s) for s in data_cfg.scales]
+    scale = scales[rng.integers(len(scales))] if train else max(scales, key=min)
+    canvas = canvas_of(image.shape[0], image.shape[1], data_cfg)
+    orig = image.shape[:2]
+    image, boxes, sf = transforms.resize(image, boxes, scale)
+    if train and rng.uniform() < data_cfg.flip_ratio:
+        image, boxes = transforms.hflip(image, boxes)
+    h, w = image.shape[:2]
+    boxes, labels, valid, dropped = transforms.pad_boxes(boxes, labels, data_cfg.max_boxes)
+    return {
+        "image": transforms.pad_to_canvas(image, canvas),
+        "boxes": boxes,
+        "labels": labels,
+        "box_valid": valid,
+        "img_shape": np.array([h, w], np.int32),
+        "pad_shape": np.minimum(transforms.pad_shape(h, w), canvas).astype(np.int32),
+        "orig_shape": np.array(orig, np.int32),
+        "scale_factor": sf,
+        "image_id": np.int64(ex["image_id"]),
+        "image_valid": np.bool_(True),
+        "dropped_boxes": np.int32(dropped),
+    }
+
+
+def stack(examples):
+    """Stacks a list of example dicts into a batch dict of [B, ...] arrays."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class TrainSampler:
+    """Deterministic group-by-canvas batch sampler (mmdetection GroupSampler semantics).
+
+    Args:
+      split: the training `Split`.
+      data_cfg: the `data` config block (canvases, scales).
+      global_batch: images per step over all hosts.
+      seed: sampling seed.
+    """
+
+    def __init__(self, split, data_cfg, global_batch, seed):
+        self.global_batch = global_batch
+        self.seed = seed
+        groups = {}
+        for i in range(len(split)):
+            h, w = int(split.heights[i]), int(split.widths[i])
+            o = split.objects[i]
+            usable = int((~np.asarray(o["is_crowd"], bool)).sum())
+            if min(h, w) < 32 or usable == 0:
+                continue  # mmdetection filter_empty_gt and min size 32 (coco.py _filter_imgs)
+            groups.setdefault(canvas_of(h, w, data_cfg), []).append(i)
+        if not groups:
+            raise ValueError(f"split {split.name!r} has no image with a usable box")
+        self.groups = {k: np.asarray(v) for k, v in sorted(groups.items())}
+        self.num_images = sum(len(v) for v in self.groups.values())
+        self.steps_per_epoch = sum(-(-len(v) // global_batch) for v in self.groups.values())
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs live at once near a boundary)
+    def _epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for canvas, idx in self.groups.items():
+            idx = rng.permutation(idx)
+            extra = (-len(idx)) % self.global_batch
+            if extra:
+                idx = np.concatenate([idx, rng.choice(idx, extra, replace=extra > len(idx))])
+            batches += [
+                (canvas, idx[i : i + self.global_batch])
+                for i in range(0, len(idx), self.global_batch)
+            ]
+        return [batches[j] for j in rng.permutation(len(batches))]
+
+    def batch(self, step):
+        """(canvas, [global_batch] example indices) of global step `step`."""
+        return self._epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+
+
+def host_slice(indices):
+    """This host's contiguous share of a global batch of indices."""
+    n = jax.process_count()
+    if len(indices) % n:
+        raise ValueError(f"global batch {len(indices)} does not split over {n} hosts")
+    per = len(indices) // n
+    return indices[jax.process_index() * per : (jax.process_index() + 1) * per]
+
+
+def _read_options(data_cfg):
+    return grain.ReadOptions(
+        num_threads=data_cfg.num_workers, prefetch_buffer_size=data_cfg.prefetch
+    )
+
+
+def train_dataset(split, sampler, data_cfg, *, seed, num_steps):
+    """A grain IterDataset yielding this host's part of global batches 0..num_steps-1."""
+
+    def load(step):
+        _, idx = sampler.batch(int(step))
+        local = host_slice(idx)
+        exs = []
+        for j, i in enumerate(local):
+            rng = np.random.default_rng([seed, int(step), jax.process_index(), j])
+            exs.append(
+                process_example(split.source[int(i)], data_cfg=data_cfg, train=True, rng=rng)
+            )
+        batch = stack(exs)
+        if batch["dropped_boxes"].any():
+            logging.warning(
+                "step %d: dropped %d boxes past max_boxes", step, batch["dropped_boxes"].sum()
+            )
+        return batch
+
+    ds = grain.MapDataset.range(num_steps).map(load)
+    return ds.to_iter_dataset(_read_options(data_cfg))
+
+
+def eval_batches(split, data_cfg, global_batch):
+    """Index batches for evaluation: every image once, grouped by canvas, no shuffling.
+
+    The last batch of a group is filled with copies marked `image_valid = False`.
+    Returns: list of (canvas, [global_batch] indices, [global_batch] bool real-example flags).
+    """
+    groups = {}
+    for i in range(len(split)):
+        groups.setdefault(
+            canvas_of(int(split.heights[i]), int(split.widths[i]), data_cfg), []
+        ).append(i)
+    out = []
+    for canvas, idx in sorted(groups.items()):
+        idx = np.asarray(idx)
+        for s in range(0, len(idx), global_batch):
+            chunk = idx[s : s + global_batch]
+            real = np.ones(global_batch, bool)
+            real[len(chunk) :] = False
+            chunk = np.concatenate([chunk, np.full(global_batch - len(chunk), chunk[0])])
+            out.append((canvas, chunk, real))
+    return out
+
+
+def eval_dataset(split, data_cfg, global_batch):
+    """A grain IterDataset over `eval_batches`, this host's part of each batch."""
+    plan = eval_batches(split, data_cfg, global_batch)
+
+    def load(k):
+        _, idx, real = plan[int(k)]
+        exs = []
+        for i, r in zip(host_slice(idx), host_slice(real), strict=True):
+            ex = process_example(split.source[int(i)], data_cfg=data_cfg, train=False, rng=None)
+            ex["image_valid"] = np.bool_(r)
+            exs.append(ex)
+        return stack(exs)
+
+    return grain.MapDataset.range(len(plan)).map(load).to_iter_dataset(_read_options(data_cfg))

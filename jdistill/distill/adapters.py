@@ -1,0 +1,70 @@
+"""Student-side adaptation convs: one conv per FPN level mapping student features onto the
+teacher's (FRS `adaptation_layers`, DeFeat's neck adapters). Trained with the student, dropped
+at inference, never part of an exported student.
+
+Params: {'level_{i}': {'kernel': [k, k, C_s, C_t], 'bias': [C_t]}} for every level i.
+Initialised as PyTorch's `nn.Conv2d` default (kaiming-uniform, a = sqrt(5)), which is what the
+reference's adaptation convs get.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# kaiming_uniform(a=sqrt(5)) == uniform(+-sqrt(1 / fan_in)) == variance_scaling(1/3, uniform).
+_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+KERNELS = {"conv3x3": 3, "conv1x1": 1}
+
+
+def _torch_bias_init(fan_in):
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _conv(x, kernel, bias):
+    k = kernel.shape[0]
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(1, 1),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + bias.astype(y.dtype)
+
+
+def init(rng, *, num_levels, in_channels, out_channels, kind):
+    """Adapter params for `num_levels` levels.
+
+    Args:
+      rng: PRNG key.
+      num_levels: levels adapted (5 for P3..P7).
+      in_channels: student neck width; out_channels: teacher neck width.
+      kind: 'conv3x3' or 'conv1x1'.
+    Returns:
+      the params dict described in the module docstring.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"unknown adapter {kind!r}; choose one of {sorted(KERNELS)}")
+    k = KERNELS[kind]
+    fan_in = k * k * in_channels
+    params = {}
+    for i, key in enumerate(jax.random.split(rng, num_levels)):
+        kk, kb = jax.random.split(key)
+        params[f"level_{i}"] = {
+            "kernel": _torch_kernel_init(kk, (k, k, in_channels, out_channels), jnp.float32),
+            "bias": _torch_bias_init(fan_in)(kb, (out_channels,)),
+        }
+    return params
+
+
+def apply_level(params, level, x):
+    """Applies level `level`'s adapter. x: [N, H, W, C_s] -> [N, H, W, C_t] (SAME, stride 1)."""
+    p = params[f"level_{level}"]
+    return _conv(x, p["kernel"], p["bias"])

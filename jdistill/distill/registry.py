@@ -1,0 +1,41 @@
+"""Distillation losses by name, for configs.
+
+A loss is a pure function `fn(student_taps, teacher_taps, targets, adapter_params, *, cfg)
+-> (scalar, metrics)`. `adapter` says whether the loss owns student-side adapters
+(`cfg.adapter` names the kind); `teacher_taps` lists the teacher taps it reads, so the trainer
+knows which parts of the teacher it needs.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from jdistill.distill import frs
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+    fn: Callable
+    uses_adapter: bool
+    teacher_taps: tuple[str, ...]
+
+
+LOSSES = {
+    "frs_feat": DistillLoss(frs.frs_feat, True, ("neck", "head/cls_logits")),
+    "frs_cls": DistillLoss(frs.frs_cls, False, ("head/cls_logits",)),
+}
+
+
+def get(name):
+    """The `DistillLoss` registered as `name`; a clear error listing the known names."""
+    if name not in LOSSES:
+        raise KeyError(f"unknown distillation loss {name!r}; registered: {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def warmup_factor(step, warmup_steps):
+    """w(step) = min(1, step / warmup_steps), 1 when warmup_steps <= 0. step: int32 scalar."""
+    if warmup_steps <= 0:
+        return jnp.float32(1.0)
+    return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)

@@ -1,0 +1,94 @@
+"""COCO box mAP with pycocotools, reported under mmdetection's names.
+
+The ground truth is built from the evaluated split itself (original-image boxes, COCO `area`
+and `iscrowd`), so one code path serves COCO folders, the official COCO builder and the
+synthetic set. Detections arrive as fixed-size device outputs and are filtered by their
+`valid` masks here, on the host.
+"""
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# mmdetection's `CocoDataset.evaluate` keys, in COCOeval.stats order.
+METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+
+
+def ground_truth(split):
+    """A pycocotools COCO object for a `pipeline.Split`."""
+    images, anns = [], []
+    for i in range(len(split)):
+        img_id = int(split.image_ids[i])
+        images.append(
+            {"id": img_id, "height": int(split.heights[i]), "width": int(split.widths[i])}
+        )
+        o = split.objects[i]
+        for b, lab, area, crowd in zip(
+            o["bbox"], o["label"], o["area"], o["is_crowd"], strict=True
+        ):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": split.category_ids[int(lab)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(area),
+                    "iscrowd": int(bool(crowd)),
+                }
+            )
+    cats = [
+        {"id": c, "name": n} for c, n in zip(split.category_ids, split.class_names, strict=True)
+    ]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns, "categories": cats}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def to_results(dets, image_ids, image_valid, category_ids):
+    """Fixed-size detections of a batch -> COCO result dicts (xywh, original pixels).
+
+    Args:
+      dets: numpy dict boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D].
+      image_ids: [B]; image_valid: [B] bool (padding examples are skipped).
+      category_ids: label -> COCO category id.
+    """
+    out = []
+    for b in range(len(image_ids)):
+        if not image_valid[b]:
+            continue
+        for box, score, label, ok in zip(
+            dets["boxes"][b], dets["scores"][b], dets["labels"][b], dets["valid"][b], strict=True
+        ):
+            if not ok:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in box)
+            out.append(
+                {
+                    "image_id": int(image_ids[b]),
+                    "category_id": int(category_ids[int(label)]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
+    return out
+
+
+def evaluate(gt, results):
+    """COCOeval bbox. -> (dict of METRIC_NAMES -> float, the printed summary)."""
+    if not results:
+        return {k: 0.0 for k in METRIC_NAMES}, "no detections"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = np.maximum(ev.stats[:6], 0.0)  # COCOeval reports -1 for empty area ranges
+    return {k: float(v) for k, v in zip(METRIC_NAMES, stats, strict=True)}, buf.getvalue()

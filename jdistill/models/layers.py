@@ -1,0 +1,80 @@
+"""Building blocks shared by every model: PyTorch-padded convs, frozen BN, initialisers.
+
+mmdetection pads convs symmetrically (3x3 pad 1, 7x7 pad 3, stride-2 too); XLA's 'SAME' pads
+stride-2 convs asymmetrically, so every conv here takes explicit padding (`specs/detectors.md`
+§9.4). Parameter names follow mmdetection's state_dict (conv `kernel`/`bias` <-> `weight`/`bias`,
+BN `scale`/`bias` + batch_stats `mean`/`var`) so conversion is one table.
+"""
+
+import functools
+import math
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+# mmcv inits: kaiming-normal (fan_out, relu) for backbone convs; xavier-uniform for FPN;
+# normal(0, 0.01) for dense heads.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+xavier_uniform = nn.initializers.xavier_uniform()
+normal_001 = nn.initializers.normal(0.01)
+
+
+def prior_bias(prior_prob=0.01):
+    """Bias of a sigmoid classifier so every class starts at `prior_prob`: -log((1-p)/p)."""
+    return nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob))
+
+
+class Conv(nn.Module):
+    """Conv2d with PyTorch's symmetric padding (k // 2 on every side), NHWC."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = kaiming_fan_out
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """x: [N, H, W, C_in] -> [N, ceil(H / stride), ceil(W / stride), features]."""
+        p = self.kernel // 2
+        return nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)),
+            use_bias=self.use_bias,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="conv",
+        )(x)
+
+
+# torch BatchNorm2d: eps 1e-5, running-stat momentum 0.1 (flax counts the other way: 0.9).
+# With mmdetection's norm_eval=True (every detector config here) it runs in inference mode on
+# its running statistics; its affine params may still train (requires_grad), as configured.
+BatchNorm = functools.partial(nn.BatchNorm, epsilon=1e-5, momentum=0.9, param_dtype=jnp.float32)
+
+GroupNorm32 = functools.partial(nn.GroupNorm, num_groups=32, epsilon=1e-5, param_dtype=jnp.float32)
+
+
+def max_pool_3x3_s2(x):
+    """PyTorch MaxPool2d(3, stride 2, padding 1): pads with -inf. [N,H,W,C] -> ceil halves."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def nearest_resize(x, out_hw):
+    """torch `interpolate(mode='nearest')` to `out_hw`: src index = floor(dst * in / out).
+
+    x: [N, H, W, C] -> [N, out_h, out_w, C].
+    """
+    h, w = x.shape[1:3]
+    oh, ow = out_hw
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    iy = (jnp.arange(oh) * h) // oh
+    ix = (jnp.arange(ow) * w) // ow
+    return x[:, iy][:, :, ix]

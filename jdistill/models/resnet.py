@@ -1,0 +1,153 @@
+"""ResNet 18/34/50/101 as mmdetection 2.x `ResNet`: pytorch and caffe style, frozen BN
+(norm_eval=True), frozen stages, and a width multiplier for tiny test networks.
+
+The last BN of every block starts at scale 0 (mmdetection's `zero_init_residual=True`), so an
+untrained network is a stable near-identity even though its BN statistics are frozen.
+
+Submodule names mirror mmdetection's state_dict: `conv1`, `bn1`, `layer{s}_{b}` blocks with
+`conv1..3`, `bn1..3`, `downsample_conv`, `downsample_bn` (`layer1.0.downsample.0` in torch).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jdistill.models import layers
+
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+class BasicBlock(nn.Module):
+    planes: int
+    stride: int
+    downsample: bool
+    style: str
+    dtype: jnp.dtype
+    bn_train: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        bn = functools.partial(layers.BatchNorm, use_running_average=not self.bn_train)
+        conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
+            f, k, s, use_bias=False, dtype=self.dtype, name=name
+        )
+        out = conv(self.planes, 3, self.stride, "conv1")(x)
+        out = nn.relu(bn(name="bn1")(out))
+        out = conv(self.planes, 3, 1, "conv2")(out)
+        out = bn(name="bn2", scale_init=nn.initializers.zeros)(out)
+        if self.downsample:
+            x = conv(self.planes, 1, self.stride, "downsample_conv")(x)
+            x = bn(name="downsample_bn")(x)
+        return nn.relu(out + x)
+
+
+class Bottleneck(nn.Module):
+    planes: int
+    stride: int
+    downsample: bool
+    style: str
+    dtype: jnp.dtype
+    bn_train: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        bn = functools.partial(layers.BatchNorm, use_running_average=not self.bn_train)
+        conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
+            f, k, s, use_bias=False, dtype=self.dtype, name=name
+        )
+        # pytorch style strides the 3x3 conv; caffe style the first 1x1 (resnet.py:155).
+        s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
+        out = conv(self.planes, 1, s1, "conv1")(x)
+        out = nn.relu(bn(name="bn1")(out))
+        out = conv(self.planes, 3, s2, "conv2")(out)
+        out = nn.relu(bn(name="bn2")(out))
+        out = conv(self.planes * 4, 1, 1, "conv3")(out)
+        out = bn(name="bn3", scale_init=nn.initializers.zeros)(out)
+        if self.downsample:
+            x = conv(self.planes * 4, 1, self.stride, "downsample_conv")(x)
+            x = bn(name="downsample_bn")(x)
+        return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone returning C2..C5.
+
+    Attributes:
+      depth: 18, 34, 50 or 101.
+      style: 'pytorch' or 'caffe' (where the stride-2 sits in a bottleneck).
+      frozen_stages: -1 none; 0 the stem; k the stem and layer1..k. Gradients are stopped at
+        their output, so they cost no backward pass; the optimizer masks them too.
+      width: multiplier of the base width 64 (1.0 is the real network).
+      norm_eval: BN always on running statistics (mmdetection's default for detection).
+        False trains BN on batch statistics, computed over the global batch (SyncBN), except in
+        frozen stages, which mmdetection keeps in eval mode regardless.
+      dtype: compute dtype of the convs (params stay float32).
+    """
+
+    depth: int = 50
+    style: str = "pytorch"
+    frozen_stages: int = 1
+    width: float = 1.0
+    norm_eval: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        """x: [N, H, W, 3] -> dict c2..c5 of [N, ceil(H/s), ceil(W/s), C] for s = 4..32.
+
+        `train` only matters with norm_eval=False: BN then uses batch statistics and updates
+        its running averages (apply with mutable=['batch_stats']).
+        """
+        bn_train = lambda stage: train and not self.norm_eval and stage > self.frozen_stages  # noqa: E731
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(f"ResNet depth {self.depth} not in {sorted(STAGE_BLOCKS)}")
+        if self.style not in ("pytorch", "caffe"):
+            raise ValueError(f"ResNet style {self.style!r} must be 'pytorch' or 'caffe'")
+        block_cls = BasicBlock if self.depth < 50 else Bottleneck
+        base = max(1, int(round(64 * self.width)))
+        x = layers.Conv(base, 7, 2, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(layers.BatchNorm(use_running_average=not bn_train(0), name="bn1")(x))
+        x = layers.max_pool_3x3_s2(x)
+        if self.frozen_stages >= 0:
+            x = jax.lax.stop_gradient(x)
+        outs = {}
+        in_ch = base
+        for s, n_blocks in enumerate(STAGE_BLOCKS[self.depth]):
+            planes = base * 2**s
+            for b in range(n_blocks):
+                stride = (1 if s == 0 else 2) if b == 0 else 1
+                down = b == 0 and (stride != 1 or in_ch != planes * block_cls.expansion)
+                x = block_cls(
+                    planes,
+                    stride,
+                    down,
+                    self.style,
+                    self.dtype,
+                    bn_train(s + 1),
+                    name=f"layer{s + 1}_{b}",
+                )(x)
+                in_ch = planes * block_cls.expansion
+            if s + 1 <= self.frozen_stages:
+                x = jax.lax.stop_gradient(x)
+            outs[f"c{s + 2}"] = x
+        return outs
+
+
+def out_channels(depth, width=1.0):
+    """Channels of C2..C5 for a depth and width multiplier."""
+    base = max(1, int(round(64 * width)))
+    exp = 1 if depth < 50 else 4
+    return tuple(base * 2**s * exp for s in range(4))
+
+
+def frozen_prefixes(frozen_stages):
+    """Top-level param names frozen by `frozen_stages` (mmdetection `_freeze_stages`)."""
+    if frozen_stages < 0:
+        return ()
+    names = ["conv1", "bn1"]
+    names += [f"layer{s}_" for s in range(1, frozen_stages + 1)]
+    return tuple(names)

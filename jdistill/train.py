@@ -1,0 +1,576 @@
+"""The trainer: one readable function `run(config, workdir)`, in banner sections.
+
+config checks / schedule and optimizer / data / models / teacher / state / step / eval / loop
+
+The teacher is read-only data: a separate variables pytree passed into the jitted step, run
+outside `value_and_grad` under `stop_gradient`, never in the optimizer or a checkpoint. One
+`jax.jit` over a `Mesh` shards the batch over `data`; each canvas compiles once.
+"""
+
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jdistill import checkpoint, metrics_writer, parallel
+from jdistill.data import pipeline
+from jdistill.distill import adapters as adapter_lib
+from jdistill.distill import registry
+from jdistill.evaluate import coco as coco_eval
+from jdistill.evaluate import visualize
+from jdistill.models import detector as detector_lib
+from jdistill.models import resnet as resnet_lib
+
+# Batch entries the device needs; the rest (orig_shape, dropped_boxes) stay on the host.
+DEVICE_KEYS = (
+    "image",
+    "boxes",
+    "labels",
+    "box_valid",
+    "img_shape",
+    "pad_shape",
+    "scale_factor",
+    "image_valid",
+    "image_id",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the message names the step and loss terms."""
+
+
+# ============================================================================ config checks
+
+
+def check_config(config):
+    """Refuses inconsistent configs before anything is loaded or compiled."""
+    distill = config.get("distill")
+    teacher = config.get("teacher")
+    if distill and distill.get("losses"):
+        if not teacher:
+            raise ValueError("config.distill has losses but config.teacher is not set")
+        for name, lcfg in distill.losses.items():
+            entry = registry.get(lcfg.fn)
+            if entry.uses_adapter and lcfg.get("adapter") not in adapter_lib.KERNELS:
+                raise ValueError(
+                    f"distill.losses.{name}.adapter must be one of {sorted(adapter_lib.KERNELS)}"
+                )
+        if not teacher.get("init"):
+            if config.runlocal:
+                logging.warning(
+                    "teacher.init is empty: using a RANDOMLY INITIALISED teacher (runlocal only)"
+                )
+            else:
+                raise ValueError(
+                    "config.teacher.init is empty: a distillation run needs a trained teacher "
+                    "(an orbax checkpoint or a run's workdir); only :runlocal allows a random one"
+                )
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
+        )
+    if config.eval_batch_size % jax.device_count():
+        raise ValueError(
+            f"eval_batch_size {config.eval_batch_size} does not split over "
+            f"{jax.device_count()} devices"
+        )
+    group = config.model.loss_group_size
+    per_device = config.batch_size // jax.device_count()
+    if group and per_device % group and group % per_device:
+        raise ValueError(
+            f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
+            f"{per_device}"
+        )
+
+
+# ============================================================================ schedule / optimizer
+
+
+def lr_schedule(opt_cfg, sched_cfg, steps_per_epoch):
+    """mmdetection's warm-up + step LR as an optax schedule of the global iteration index.
+
+    Returns (schedule fn, total steps). Linear warm-up: base * (1 - (1 - i / W) * (1 - ratio));
+    constant: base * ratio; then base * 0.1^k with k = milestones passed (in epochs, or scaled
+    to `num_steps` when that overrides the epoch count).
+    """
+    base = opt_cfg.lr
+    if sched_cfg.num_steps > 0:
+        total = int(sched_cfg.num_steps)
+        milestones = [round(m / sched_cfg.epochs * total) for m in sched_cfg.milestones]
+    else:
+        total = int(sched_cfg.epochs * steps_per_epoch)
+        milestones = [int(m * steps_per_epoch) for m in sched_cfg.milestones]
+    warm = int(sched_cfg.warmup_steps)
+    ratio = float(sched_cfg.warmup_ratio)
+    kind = sched_cfg.warmup
+    if kind not in ("linear", "constant", "none"):
+        raise ValueError(f"schedule.warmup={kind!r}: use 'linear', 'constant' or 'none'")
+
+    def schedule(i):
+        i = jnp.asarray(i, jnp.float32)
+        k = sum((i >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
+        lr = base * 0.1**k
+        if kind == "linear" and warm > 0:
+            # = 1 - (1 - i / W) * (1 - ratio), mmcv's form, rearranged to keep float32 precision
+            lr = jnp.where(i < warm, lr * (ratio + (1 - ratio) * i / warm), lr)
+        elif kind == "constant" and warm > 0:
+            lr = jnp.where(i < warm, lr * ratio, lr)
+        return lr
+
+    return schedule, total
+
+
+def trainable_labels(params, model_cfg):
+    """'train' or 'frozen' per param: frozen stages (and frozen BN) get no update at all."""
+    frozen = resnet_lib.frozen_prefixes(model_cfg.frozen_stages)
+
+    def label(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[0] == "student" and len(names) > 2 and names[1] == "backbone":
+            if any(names[2] == f or (f.endswith("_") and names[2].startswith(f)) for f in frozen):
+                return "frozen"
+        if not model_cfg.norm_trainable and any(
+            re.match(r"(bn\d*|downsample_bn)$", n) for n in names
+        ):
+            return "frozen"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(opt_cfg, model_cfg, params, schedule):
+    """SGD as mmdetection/torch: [clip] -> + wd * p -> momentum trace -> * -lr; frozen: zero."""
+    chain = []
+    if opt_cfg.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+    chain += [
+        optax.add_decayed_weights(opt_cfg.weight_decay),
+        optax.trace(decay=opt_cfg.momentum, nesterov=False),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    return optax.multi_transform(
+        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
+        trainable_labels(params, model_cfg),
+    )
+
+
+# ============================================================================ models
+
+
+def model_inputs(detector, model_cfg, batch):
+    """The network input for a detector: normalised canvas in its style and compute dtype."""
+    return detector_lib.preprocess(
+        batch["image"], batch["img_shape"], model_cfg.style, jnp.dtype(model_cfg.dtype)
+    )
+
+
+def init_variables(detector, canvas, seed):
+    """Random {'params', 'batch_stats'} for a detector at a canvas (numpy-free, on device)."""
+    dummy = jnp.zeros((1, *canvas, 3), jnp.float32)
+    return jax.jit(detector.module.init)(jax.random.PRNGKey(seed), dummy)
+
+
+# ============================================================================ teacher
+
+
+def load_teacher(config, detector, split, canvas):
+    """Teacher variables from `teacher.init`, checked strictly; random only under runlocal."""
+    expected = jax.eval_shape(
+        detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
+    )
+    path = config.teacher.get("init")
+    if not path:
+        return init_variables(detector, canvas, config.seed + 1)
+    loaded, meta = checkpoint.load_model_variables(path)
+    if meta and meta.get("class_names") and tuple(meta["class_names"]) != split.class_names:
+        raise ValueError(
+            f"teacher {path} was trained on classes {meta['class_names']} but the data set has "
+            f"{list(split.class_names)}; refusing to distil from a mismatched teacher"
+        )
+    merged = checkpoint.check_and_merge(
+        loaded, expected, skip=tuple(config.teacher.get("init_skip", ())), what=f"teacher {path}"
+    )
+    logging.info("teacher loaded from %s", path)
+    return jax.tree_util.tree_map(jnp.asarray, merged)
+
+
+# ============================================================================ state
+
+
+def init_state(config, student, teacher_neck, canvas, tx_builder):
+    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step."""
+    variables = init_variables(student, canvas, config.seed)
+    rng = jax.random.PRNGKey(config.seed + 2)
+    adapters = {}
+    for name, lcfg in distill_losses(config).items():
+        if registry.get(lcfg.fn).uses_adapter:
+            rng, key = jax.random.split(rng)
+            adapters[name] = adapter_lib.init(
+                key,
+                num_levels=len(student.levels),
+                in_channels=config.model.neck_channels,
+                out_channels=teacher_neck,
+                kind=lcfg.adapter,
+            )
+    params = {"student": variables["params"], "adapters": adapters}
+    if config.get("init") or config.model.get("init"):
+        path = config.get("init") or config.model.init
+        loaded, _ = checkpoint.load_model_variables(path)
+        merged = checkpoint.check_and_merge(
+            loaded,
+            {"params": params["student"], "batch_stats": variables["batch_stats"]},
+            skip=tuple(config.model.get("init_skip", ())),
+            what=f"student init {path}",
+        )
+        params["student"] = merged["params"]
+        variables = {"batch_stats": merged["batch_stats"]}
+        logging.info("student initialised from %s", path)
+    tx = tx_builder(params)
+    return {
+        "step": jnp.int32(0),
+        "params": params,
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(params),
+        "bad_step": jnp.int32(-1),
+    }, tx
+
+
+def distill_losses(config):
+    distill = config.get("distill")
+    if not distill or not distill.get("losses"):
+        return {}
+    return dict(distill.losses.items())
+
+
+# ============================================================================ step
+
+
+def make_train_step(config, student, teacher, tx, schedule):
+    """The jittable step(state, teacher_vars, batch) -> (state, metrics)."""
+    losses = distill_losses(config)
+    warmup = config.distill.warmup_steps if losses else 0
+    loss_cfgs = {}
+    for name, lcfg in losses.items():
+        c = ml_collections.ConfigDict(lcfg.to_dict())
+        c.levels, c.strides = student.levels, student.strides
+        loss_cfgs[name] = c
+
+    def step_fn(state, teacher_vars, batch):
+        step = state["step"]
+        x_s = model_inputs(student, config.model, batch)
+        t_taps = None
+        if teacher is not None:
+            x_t = model_inputs(teacher, config.teacher.model, batch)
+            _, t_taps = teacher.module.apply(teacher_vars, x_t)
+            t_taps = jax.lax.stop_gradient(t_taps)
+
+        def loss_fn(params):
+            variables = {"params": params["student"], "batch_stats": state["batch_stats"]}
+            if config.model.norm_eval:
+                (outputs, taps), new_stats = student.module.apply(variables, x_s), None
+            else:
+                (outputs, taps), upd = student.module.apply(
+                    variables, x_s, train=True, mutable=["batch_stats"]
+                )
+                new_stats = upd["batch_stats"]
+            total, det = student.loss(outputs, batch)
+            metrics = {f"student/{k}": v for k, v in det.items()}
+            w = registry.warmup_factor(step, warmup)
+            for name, c in loss_cfgs.items():
+                value, extra = registry.get(c.fn).fn(
+                    taps, t_taps, batch, params["adapters"].get(name), cfg=c
+                )
+                if value is None and c.weight != 0:
+                    raise ValueError(f"distillation loss {name!r} ({c.fn}) produced no value")
+                contrib = w * c.weight * value
+                metrics[f"distill/{name}"] = contrib
+                metrics.update({f"distill/{name}/{k}": v for k, v in extra.items()})
+                total = total + contrib
+            metrics["loss"] = total
+            return total, (metrics, new_stats)
+
+        (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        if new_stats is None:
+            new_stats = state["batch_stats"]
+        gnorm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite step leaves params and optimizer untouched and is reported by the host at
+        # its next log or checkpoint, so no per-step device->host sync is needed.
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old
+        )
+        new_state = {
+            "step": step + 1,
+            "params": keep(params, state["params"]),
+            "batch_stats": keep(new_stats, state["batch_stats"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
+        }
+        metrics["grad_norm"] = gnorm
+        metrics["lr"] = schedule(step)
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_predict(detector, model_cfg):
+    """predict(variables, batch) -> fixed-size detections in original-image pixels."""
+
+    def predict(variables, batch):
+        outputs, _ = detector.module.apply(variables, model_inputs(detector, model_cfg, batch))
+        dets = detector.predict(outputs, batch)
+        dets["image_id"] = batch["image_id"]
+        dets["image_valid"] = batch["image_valid"]
+        return dets
+
+    return predict
+
+
+# ============================================================================ eval
+
+
+def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, category_ids):
+    """COCO mAP of `variables` on `split`; writes eval/<tag>step_<N>.json and a PNG.
+
+    Returns the dict of mmdetection metric names -> float.
+    """
+    t0 = time.time()
+    results = []
+    for local in pipeline.eval_dataset(split, config.data, config.eval_batch_size):
+        batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
+        dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
+        results += coco_eval.to_results(dets, dets["image_id"], dets["image_valid"], category_ids)
+    metrics, summary = coco_eval.evaluate(coco_eval.ground_truth(split), results)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        stem = os.path.join(workdir, "eval", f"{tag}step_{step}")
+        checkpoint.write_json(f"{stem}.json", {"step": step, **metrics})
+        _draw(split, results, config.num_vis_images, f"{stem}.png")
+    logging.info(
+        "%seval at step %d (%d images, %.1fs): %s\n%s",
+        tag,
+        step,
+        len(split),
+        time.time() - t0,
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+        summary,
+    )
+    return metrics
+
+
+def _draw(split, results, n, path):
+    n = min(n, len(split))
+    if n <= 0:
+        return
+    images, dets = [], []
+    for i in range(n):
+        img_id = int(split.image_ids[i])
+        mine = [r for r in results if r["image_id"] == img_id]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)])
+        label_of = {c: k for k, c in enumerate(split.category_ids)}
+        images.append(np.asarray(split.source[i]["image"]))
+        dets.append(
+            {
+                "boxes": boxes.reshape(-1, 4),
+                "scores": np.array([r["score"] for r in mine]),
+                "labels": np.array([label_of[r["category_id"]] for r in mine], np.int64),
+                "valid": np.ones(len(mine), bool),
+            }
+        )
+    visualize.draw_grid(images, dets, split.class_names, path)
+
+
+def subset(split, n):
+    """The first `n` examples of a split (all when n <= 0)."""
+    if n <= 0 or n >= len(split):
+        return split
+    return pipeline.Split(
+        name=split.name,
+        source=split.source,
+        heights=split.heights[:n],
+        widths=split.widths[:n],
+        image_ids=split.image_ids[:n],
+        objects=split.objects[:n],
+        class_names=split.class_names,
+        category_ids=split.category_ids,
+    )
+
+
+# ============================================================================ loop
+
+
+def run(config, workdir, *, stop_at_step=None):
+    """Trains (or resumes) `config` in `workdir`; returns the final eval metrics.
+
+    Args:
+      config: a locked ConfigDict from `configs/`.
+      workdir: where config.json, metrics.jsonl, TensorBoard events, checkpoints/ and eval/ go.
+      stop_at_step: stop after this many steps (checkpointing there) without finishing the
+        schedule: for time-sliced jobs and for the resume test. The run can be continued.
+    Returns:
+      dict of final eval metrics ({} when stopped early).
+    """
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = parallel.make_mesh()
+    logging.info("mesh: %d devices (%s), %d processes", mesh.size, jax.devices()[0].platform,
+                 jax.process_count())  # fmt: skip
+
+    # ------------------------------------------------------------------ data
+    train_split = pipeline.load_split(config.data, config.data.train_split)
+    eval_split = subset(
+        pipeline.load_split(config.data, config.data.eval_split), config.eval_max_images
+    )
+    sampler = pipeline.TrainSampler(train_split, config.data, config.batch_size, config.seed)
+    schedule, total_steps = lr_schedule(config.optimizer, config.schedule, sampler.steps_per_epoch)
+    logging.info(
+        "data: %d training images (%d steps/epoch of %d), %d eval images, %d classes",
+        sampler.num_images, sampler.steps_per_epoch, config.batch_size, len(eval_split),
+        len(train_split.class_names),
+    )  # fmt: skip
+    num_classes = len(train_split.class_names)
+    canvas = tuple(config.data.canvases[0])
+
+    # ------------------------------------------------------------------ models and teacher
+    student = detector_lib.build(config.model, num_classes)
+    teacher = teacher_vars = None
+    if distill_losses(config):
+        teacher = detector_lib.build(config.teacher.model, num_classes)
+        teacher_vars = load_teacher(config, teacher, train_split, canvas)
+        teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
+
+    # ------------------------------------------------------------------ state
+    tx_builder = lambda params: make_optimizer(  # noqa: E731
+        config.optimizer, config.model, params, schedule
+    )
+    teacher_neck = config.teacher.model.neck_channels if teacher is not None else 0
+    state, tx = init_state(config, student, teacher_neck, canvas, tx_builder)
+    state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
+    state = jax.device_put(state, state_sharding)
+    mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    meta = {
+        "class_names": list(train_split.class_names),
+        "category_ids": list(train_split.category_ids),
+        "model": config.model.to_dict(),
+    }
+    data_state = None
+    latest = mgr.latest_step()
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
+        )
+        state, data_state, _ = checkpoint.restore(mgr, latest, abstract)
+        logging.info("Resuming from step %d (%s)", latest, mgr.directory)
+    start = int(state["step"])
+
+    # ------------------------------------------------------------------ step functions
+    batch_sh = parallel.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(config, student, teacher, tx, schedule),
+        in_shardings=(state_sharding, parallel.replicated(mesh), batch_sh),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    predict_student = jax.jit(make_predict(student, config.model))
+    writer = metrics_writer.MetricWriter(workdir)
+    cat_ids = train_split.category_ids
+
+    if teacher is not None and start == 0:
+        t_metrics = evaluate(
+            jax.jit(make_predict(teacher, config.teacher.model)), teacher_vars, eval_split,
+            config, mesh, workdir, "teacher_", 0, cat_ids,
+        )  # fmt: skip
+        writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
+
+    # ------------------------------------------------------------------ loop
+    end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
+    iterator = iter(pipeline.train_dataset(
+        train_split, sampler, config.data, seed=config.seed, num_steps=total_steps))  # fmt: skip
+    if data_state is not None:
+        iterator.set_state(data_state)
+    pending = []
+    t_last, step_last = time.time(), start
+    last_saved = latest
+    final = {}
+
+    def check_finite():
+        bad = int(state["bad_step"])
+        if bad >= 0:
+            terms = next((m for s, m in pending if s == bad), None)
+            terms = {k: float(v) for k, v in jax.device_get(terms).items()} if terms else {}
+            good = os.path.join(mgr.directory, str(last_saved)) if last_saved else "none"
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad}; loss terms there: {terms}; "
+                f"last good checkpoint: {good}"
+            )
+
+    def save(step):
+        nonlocal last_saved
+        check_finite()
+        checkpoint.save(mgr, step, state, iterator.get_state(), meta, force=True)
+        last_saved = step
+
+    try:
+        for step in range(start, end):
+            local = next(iterator)
+            batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
+            state, metrics = train_step(state, teacher_vars, batch)
+            pending.append((step, metrics))
+            done = step + 1
+            if done % config.log_every == 0 or done == end:
+                check_finite()
+                rows = jax.device_get([m for _, m in pending])
+                mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+                now = time.time()
+                rate = (done - step_last) / max(now - t_last, 1e-9)
+                eta = (total_steps - done) / max(rate, 1e-9)
+                writer.write(done, {**mean, "steps_per_sec": rate})
+                logging.info(
+                    "step %d/%d loss %.4f (%s) | %.2f steps/s, %.1f img/s | ETA %s",
+                    done, total_steps, mean["loss"],
+                    " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "lr")),
+                    rate, rate * config.batch_size, _hms(eta),
+                )  # fmt: skip
+                pending, t_last, step_last = [], now, done
+            if done % config.checkpoint_every == 0 or done == end:
+                save(done)
+            if config.eval_every and done % config.eval_every == 0 and done != total_steps:
+                m = evaluate(predict_student, _student_vars(state), eval_split, config, mesh,
+                             workdir, "", done, cat_ids)  # fmt: skip
+                writer.write(done, {f"eval/{k}": v for k, v in m.items()})
+
+        if end == total_steps:
+            if latest is not None and latest == total_steps:
+                logging.info("already trained to step %d; evaluating the final checkpoint", latest)
+            final = evaluate(predict_student, _student_vars(state), eval_split, config, mesh,
+                             workdir, "", total_steps, cat_ids)  # fmt: skip
+            writer.write(total_steps, {f"eval/{k}": v for k, v in final.items()})
+    finally:
+        # Let an in-flight async save finish even when the loop raises, so the last good
+        # checkpoint named in the error really is on disk.
+        mgr.wait_until_finished()
+        mgr.close()
+        writer.close()
+    return final
+
+
+def _student_vars(state):
+    return {"params": state["params"]["student"], "batch_stats": state["batch_stats"]}
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,43 @@
+"""Shared test setup: float32 CPU JAX, a per-session tfds data dir, and the shared data path."""
+
+import os
+import pathlib
+
+import pytest
+
+# The small real data sets live beside the project, never inside it.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tfds_data_dir(tmp_path_factory):
+    """Prepared data sets go to a temporary dir for the whole session (one per xdist worker)."""
+    path = os.environ.get("JDISTILL_TEST_TFDS_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    os.environ["TFDS_DATA_DIR"] = path
+    return path
+
+
+def shared_data(name):
+    """Path of a shared data set, or skip the test with a message saying where it was looked for."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: the shared data sets sit beside the project checkout")
+    return path
+
+
+def load_config(name, arg=None):
+    """`configs/<name>.py`'s get_config(arg), as the CLI would load it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def cli_env(**extra):
+    """Environment for a `python -m jdistill.main` subprocess."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env

@@ -1,0 +1,106 @@
+"""End-to-end `runlocal` runs of every config, resume, and the CLI's error handling."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, cli_env, load_config
+
+from jdistill import checkpoint, demo, train
+
+CONFIGS = ["retinanet_r50_coco", "retinanet_r101_coco", "frs_retinanet"]
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runlocal_end_to_end(name, tmp_path):
+    config = load_config(name, "runlocal")
+    final = train.run(config, str(tmp_path))
+    assert set(final) >= {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s"}
+    steps = config.schedule.num_steps
+    saved = json.loads((tmp_path / "eval" / f"step_{steps}.json").read_text())
+    assert saved["bbox_mAP"] == final["bbox_mAP"]
+    assert (tmp_path / "eval" / f"step_{steps}.png").stat().st_size > 0
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+    assert all(np.isfinite(r["loss"]) for r in train_rows)
+    assert rows[-1]["eval/bbox_mAP"] == final["bbox_mAP"]
+    assert list((tmp_path / "tensorboard").iterdir())
+    if name.startswith("frs"):
+        # every distillation term is logged by name from step 1; warm-up makes step 1's zero
+        assert train_rows[0]["distill/frs_feat"] == 0.0 and train_rows[1]["distill/frs_feat"] > 0
+        assert train_rows[1]["distill/frs_cls"] > 0
+        assert any("teacher_eval/bbox_mAP" in r for r in rows)
+        assert (tmp_path / "eval" / "teacher_step_0.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_runlocal_writes_three_result_sets(tmp_path):
+    config = load_config("demo", "runlocal")
+    results = demo.run(config, str(tmp_path))
+    saved = json.loads((tmp_path / "demo_results.json").read_text())
+    assert set(saved) == {"teacher", "baseline", "frs"}
+    for stage in saved.values():
+        assert set(stage) == {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s",
+                              "bbox_mAP_m", "bbox_mAP_l"}  # fmt: skip
+    assert saved == json.loads(json.dumps(results))
+    # the FRS stage distilled from the teacher stage's checkpoint
+    frs_cfg = json.loads((tmp_path / "frs" / "config.json").read_text())
+    assert frs_cfg["teacher"]["init"] == str(tmp_path / "teacher")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path):
+    config = load_config("frs_retinanet", "runlocal")
+    config.unlock()
+    config.eval_max_images = 2
+    config.lock()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.run(config, str(full))
+    assert train.run(config, str(cut), stop_at_step=2) == {}
+    assert checkpoint.manager(str(cut / "checkpoints")).latest_step() == 2
+    train.run(config, str(cut))
+    a, _ = checkpoint.load_model_variables(str(full))
+    b, meta = checkpoint.load_model_variables(str(cut))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+    assert meta["class_names"] == ["circle", "square", "triangle", "ring"]
+    # the resumed run logged steps 3..4 only once and no repeated teacher evaluation
+    rows = [r for r in read_metrics(cut) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum("teacher_eval/bbox_mAP" in r for r in read_metrics(cut)) == 1
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    config = load_config("retinanet_r50_coco", "runlocal")
+    config.unlock()
+    config.optimizer.lr = float("nan")  # the first update poisons every parameter
+    config.lock()
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 1;.*student/loss_cls.*nan"):
+        train.run(config, str(tmp_path))
+    # nothing non-finite was checkpointed
+    assert checkpoint.manager(str(tmp_path / "checkpoints")).latest_step() is None
+
+
+def test_distillation_without_teacher_is_refused():
+    config = load_config("frs_retinanet")
+    with pytest.raises(ValueError, match="teacher.init is empty"):
+        train.check_config(config)
+
+
+def test_misspelt_config_key_is_a_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "jdistill.main", "--config=configs/frs_retinanet.py:runlocal",
+           f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lrr" in lines[0] and '"lr"' in lines[0]
+    assert not (tmp_path / "config.json").exists()  # nothing started
