@@ -12,8 +12,6 @@ Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
 `:runlocal` uses a tiny random teacher (with a warning) on synthetic data.
 """
 
-import ml_collections
-
 from jdistill import config_lib
 
 
@@ -21,18 +19,8 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.retinanet(50), config_lib.coco_data(), lr=0.01)
     config.schedule = config_lib.step_schedule(24, (16, 22))
-    config.teacher = ml_collections.ConfigDict(
-        dict(model=config_lib.retinanet(101), init="", init_skip=())
-    )
-    config.distill = ml_collections.ConfigDict(
-        dict(
-            warmup_steps=500,
-            losses=dict(
-                frs_feat=dict(fn="frs_feat", weight=0.005, adapter="conv3x3"),
-                frs_cls=dict(fn="frs_cls", weight=0.02),
-            ),
-        )
-    )
+    config.teacher = config_lib.teacher(config_lib.retinanet(101))
+    config.distill = config_lib.frs_distill(0.005, 0.02)
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

@@ -73,6 +73,8 @@ def coco_data(root="", builder="coco_folder"):
             train_split="train",
             eval_split="validation",
             scales=((1333, 800),),  # (long_max, short_max) per training scale
+            multiscale_mode="value",  # 'value': one of `scales`; 'range': uniform between
+            scale_per="batch",  # 'batch' (tight canvases) or 'image' (mmdetection, more padding)
             canvases=((800, 1344), (1344, 800)),  # (H, W) of the fixed input shapes
             flip_ratio=0.5,
             max_boxes=100,
@@ -84,7 +86,16 @@ def coco_data(root="", builder="coco_folder"):
 
 def sgd(lr):
     """mmdetection's SGD: momentum 0.9, weight decay 1e-4 on every trainable param."""
-    return ml_collections.ConfigDict(dict(lr=lr, momentum=0.9, weight_decay=1e-4, grad_clip=0.0))
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            momentum=0.9,
+            weight_decay=1e-4,
+            grad_clip=0.0,  # > 0: clip the global gradient norm (FCOS: 35), before decay
+            bias_lr_mult=1.0,  # mmcv paramwise_cfg for conv/linear biases (FCOS: 2 and 0)
+            bias_decay_mult=1.0,
+        )
+    )
 
 
 def step_schedule(epochs=12, milestones=(8, 11)):
@@ -139,7 +150,8 @@ def shrink_for_runlocal(config, steps=4):
     config.runlocal = True
     if config.data.builder == "coco_folder" and not config.data.root:
         config.data.builder = "synthetic_shapes"
-    config.data.scales = ((128, 96),)
+    multi = len(config.data.scales) > 1
+    config.data.scales = ((128, 80), (128, 96)) if multi else ((128, 96),)
     config.data.canvases = ((96, 128), (128, 96))
     config.data.max_boxes = 8
     config.data.num_workers = 2
@@ -155,3 +167,125 @@ def shrink_for_runlocal(config, steps=4):
     if config.get("distill"):
         config.distill.warmup_steps = 2
     return config
+
+
+def gfl(depth=50):
+    """mmdetection gfl_r{depth}_fpn: ResNet + FPN (P6 on P5) + GFLHead (GN), ATSS, QFL/DFL/GIoU."""
+    return ml_collections.ConfigDict(
+        dict(
+            family="gfl",
+            depth=depth,
+            style="pytorch",
+            frozen_stages=1,
+            norm_trainable=True,
+            norm_eval=True,
+            width=1.0,
+            neck_channels=256,
+            stacked_convs=4,
+            octave_base_scale=8,
+            reg_max=16,
+            atss_topk=9,
+            qfl_beta=2.0,
+            qfl_weight=1.0,
+            dfl_weight=0.25,
+            giou_weight=2.0,
+            loss_group_size=2,
+            test_score_thr=0.05,
+            test_nms_pre=1000,
+            test_nms_iou=0.6,
+            test_max_per_img=100,
+            dtype="float32",
+            init="",
+            init_skip=(),
+        )
+    )
+
+
+def fcos(depth=50):
+    """mmdetection fcos_r{depth}_caffe_fpn_gn-head: caffe ResNet (BN frozen), FPN with ReLU
+    before P7, GN head; focal + IoU + centerness; no tricks (norm_on_bbox etc. off)."""
+    return ml_collections.ConfigDict(
+        dict(
+            family="fcos",
+            depth=depth,
+            style="caffe",
+            frozen_stages=1,
+            norm_trainable=False,  # caffe backbones: BN fully frozen (requires_grad=False)
+            norm_eval=True,
+            width=1.0,
+            neck_channels=256,
+            stacked_convs=4,
+            norm_on_bbox=False,
+            centerness_on_reg=False,
+            center_sampling=False,
+            center_sample_radius=1.5,
+            focal_alpha=0.25,
+            focal_gamma=2.0,
+            loss_group_size=2,
+            test_score_thr=0.05,
+            test_nms_pre=1000,
+            test_nms_iou=0.5,
+            test_max_per_img=100,
+            dtype="float32",
+            init="",
+            init_skip=(),
+        )
+    )
+
+
+def landscape_and_portrait(*canvases):
+    """((H, W), ...) -> the same canvases plus their transposes, for both orientations."""
+    return tuple(tuple(c) for c in canvases) + tuple((w, h) for h, w in canvases)
+
+
+def gfl_mstrain_data(root=""):
+    """GFL mstrain: short side uniform in [480, 800], long side 1333, four canvas sizes."""
+    data = coco_data(root)
+    data.scales = ((1333, 480), (1333, 800))
+    data.multiscale_mode = "range"
+    data.canvases = landscape_and_portrait((512, 896), (608, 1088), (704, 1216), (800, 1344))
+    return data
+
+
+def fcos_mstrain_data(root=""):
+    """FCOS mstrain_640-800: scale (1333, 640) or (1333, 800), one canvas size each."""
+    data = coco_data(root)
+    data.scales = ((1333, 640), (1333, 800))
+    data.multiscale_mode = "value"
+    data.canvases = landscape_and_portrait((640, 1088), (800, 1344))
+    return data
+
+
+def fcos_optimizer():
+    """FCOS: lr 0.01, bias lr x2 without decay, gradient clip 35 (fcos_r50_caffe config)."""
+    opt = sgd(0.01)
+    opt.bias_lr_mult = 2.0
+    opt.bias_decay_mult = 0.0
+    opt.grad_clip = 35.0
+    return opt
+
+
+def fcos_schedule(epochs=12, milestones=(8, 11)):
+    """Constant warm-up at 1/3 for 500 iterations, then steps."""
+    sched = step_schedule(epochs, milestones)
+    sched.warmup = "constant"
+    sched.warmup_ratio = 1.0 / 3.0
+    return sched
+
+
+def frs_distill(feat_weight, cls_weight, warmup_steps=500):
+    """The FRS loss pair with per-level 3x3 adapters (specs/frs.md)."""
+    return ml_collections.ConfigDict(
+        dict(
+            warmup_steps=warmup_steps,
+            losses=dict(
+                frs_feat=dict(fn="frs_feat", weight=feat_weight, adapter="conv3x3"),
+                frs_cls=dict(fn="frs_cls", weight=cls_weight),
+            ),
+        )
+    )
+
+
+def teacher(model):
+    """A teacher block: its model and the checkpoint to load (`init`, required outside runlocal)."""
+    return ml_collections.ConfigDict(dict(model=model, init="", init_skip=()))

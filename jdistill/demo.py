@@ -63,5 +63,9 @@ def table(results):
     head = f"{'model':<10}" + "".join(f"{k.replace('bbox_', ''):>10}" for k in keys)
     rows = [head, "-" * len(head)]
     for name, m in results.items():
-        rows.append(f"{name:<10}" + "".join(f"{100 * m.get(k, 0.0):>10.1f}" for k in keys))
+        cells = [m.get(k, -1.0) for k in keys]  # -1: no ground truth in that area range
+        rows.append(
+            f"{name:<10}"
+            + "".join(f"{100 * v:>10.1f}" if v >= 0 else f"{'n/a':>10}" for v in cells)
+        )
     return "\n".join(rows) + "\n" + json.dumps({k: v.get("bbox_mAP") for k, v in results.items()})

@@ -127,38 +127,62 @@ def lr_schedule(opt_cfg, sched_cfg, steps_per_epoch):
     return schedule, total
 
 
-def trainable_labels(params, model_cfg):
-    """'train' or 'frozen' per param: frozen stages (and frozen BN) get no update at all."""
+def trainable_labels(params, model_cfg, opt_cfg=None):
+    """Per param: 'frozen' (frozen stages, frozen BN: no update at all), 'bias' (a conv or
+    linear bias, which mmcv's paramwise_cfg treats apart) or 'train'."""
     frozen = resnet_lib.frozen_prefixes(model_cfg.frozen_stages)
+    split_bias = opt_cfg is not None and (
+        opt_cfg.get("bias_lr_mult", 1.0) != 1.0 or opt_cfg.get("bias_decay_mult", 1.0) != 1.0
+    )
 
     def label(path, _):
         names = [str(getattr(k, "key", k)) for k in path]
         if names[0] == "student" and len(names) > 2 and names[1] == "backbone":
             if any(names[2] == f or (f.endswith("_") and names[2].startswith(f)) for f in frozen):
                 return "frozen"
-        if not model_cfg.norm_trainable and any(
-            re.match(r"(bn\d*|downsample_bn)$", n) for n in names
-        ):
+        is_norm = any(re.match(r"(bn\d*|downsample_bn|gn)$", n) for n in names)
+        if not model_cfg.norm_trainable and is_norm and names[1] == "backbone":
             return "frozen"
+        if split_bias and names[-1] == "bias" and not is_norm:
+            return "bias"  # norm layers keep lr x1 and decay x1 (norm_decay_mult defaults to 1)
         return "train"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(opt_cfg, model_cfg, params, schedule):
-    """SGD as mmdetection/torch: [clip] -> + wd * p -> momentum trace -> * -lr; frozen: zero."""
-    chain = []
-    if opt_cfg.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
-    chain += [
-        optax.add_decayed_weights(opt_cfg.weight_decay),
-        optax.trace(decay=opt_cfg.momentum, nesterov=False),
-        optax.scale_by_learning_rate(schedule),
-    ]
-    return optax.multi_transform(
-        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
-        trainable_labels(params, model_cfg),
+    """SGD as mmdetection/torch: [clip] -> + wd * p -> momentum trace -> * -lr.
+
+    Frozen params get no update; with bias_lr_mult / bias_decay_mult (FCOS: 2 and 0) conv
+    biases get their own lr and weight decay. Clipping is over all gradients, before decay.
+    """
+
+    def sgd(lr_mult, decay_mult):
+        lr = schedule if lr_mult == 1.0 else (lambda i: lr_mult * schedule(i))
+        return optax.chain(
+            optax.add_decayed_weights(opt_cfg.weight_decay * decay_mult),
+            optax.trace(decay=opt_cfg.momentum, nesterov=False),
+            optax.scale_by_learning_rate(lr),
+        )
+
+    labels = trainable_labels(params, model_cfg, opt_cfg)
+    tx = optax.multi_transform(
+        {
+            "train": sgd(1.0, 1.0),
+            "bias": sgd(opt_cfg.get("bias_lr_mult", 1.0), opt_cfg.get("bias_decay_mult", 1.0)),
+            "frozen": optax.set_to_zero(),
+        },
+        labels,
     )
+    if opt_cfg.grad_clip > 0:
+        # Frozen params have requires_grad=False in the reference: not part of the clip norm.
+        frozen = jax.tree_util.tree_map(lambda lab: lab == "frozen", labels)
+        tx = optax.chain(
+            optax.masked(optax.set_to_zero(), frozen),
+            optax.clip_by_global_norm(opt_cfg.grad_clip),
+            tx,
+        )
+    return tx
 
 
 # ============================================================================ models
@@ -426,8 +450,12 @@ def run(config, workdir, *, stop_at_step=None):
     if jax.process_index() == 0:
         checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     mesh = parallel.make_mesh()
-    logging.info("mesh: %d devices (%s), %d processes", mesh.size, jax.devices()[0].platform,
-                 jax.process_count())  # fmt: skip
+    logging.info(
+        "mesh: %d devices (%s), %d processes",
+        mesh.size,
+        jax.devices()[0].platform,
+        jax.process_count(),
+    )
 
     # ------------------------------------------------------------------ data
     train_split = pipeline.load_split(config.data, config.data.train_split)
@@ -438,9 +466,12 @@ def run(config, workdir, *, stop_at_step=None):
     schedule, total_steps = lr_schedule(config.optimizer, config.schedule, sampler.steps_per_epoch)
     logging.info(
         "data: %d training images (%d steps/epoch of %d), %d eval images, %d classes",
-        sampler.num_images, sampler.steps_per_epoch, config.batch_size, len(eval_split),
+        sampler.num_images,
+        sampler.steps_per_epoch,
+        config.batch_size,
+        len(eval_split),
         len(train_split.class_names),
-    )  # fmt: skip
+    )
     num_classes = len(train_split.class_names)
     canvas = tuple(config.data.canvases[0])
 
@@ -490,15 +521,25 @@ def run(config, workdir, *, stop_at_step=None):
 
     if teacher is not None and start == 0:
         t_metrics = evaluate(
-            jax.jit(make_predict(teacher, config.teacher.model)), teacher_vars, eval_split,
-            config, mesh, workdir, "teacher_", 0, cat_ids,
-        )  # fmt: skip
+            jax.jit(make_predict(teacher, config.teacher.model)),
+            teacher_vars,
+            eval_split,
+            config,
+            mesh,
+            workdir,
+            "teacher_",
+            0,
+            cat_ids,
+        )
         writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
 
     # ------------------------------------------------------------------ loop
     end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
-    iterator = iter(pipeline.train_dataset(
-        train_split, sampler, config.data, seed=config.seed, num_steps=total_steps))  # fmt: skip
+    iterator = iter(
+        pipeline.train_dataset(
+            train_split, sampler, config.data, seed=config.seed, num_steps=total_steps
+        )
+    )
     if data_state is not None:
         iterator.set_state(data_state)
     pending = []
@@ -540,23 +581,45 @@ def run(config, workdir, *, stop_at_step=None):
                 writer.write(done, {**mean, "steps_per_sec": rate})
                 logging.info(
                     "step %d/%d loss %.4f (%s) | %.2f steps/s, %.1f img/s | ETA %s",
-                    done, total_steps, mean["loss"],
+                    done,
+                    total_steps,
+                    mean["loss"],
                     " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "lr")),
-                    rate, rate * config.batch_size, _hms(eta),
-                )  # fmt: skip
+                    rate,
+                    rate * config.batch_size,
+                    _hms(eta),
+                )
                 pending, t_last, step_last = [], now, done
             if done % config.checkpoint_every == 0 or done == end:
                 save(done)
             if config.eval_every and done % config.eval_every == 0 and done != total_steps:
-                m = evaluate(predict_student, _student_vars(state), eval_split, config, mesh,
-                             workdir, "", done, cat_ids)  # fmt: skip
+                m = evaluate(
+                    predict_student,
+                    _student_vars(state),
+                    eval_split,
+                    config,
+                    mesh,
+                    workdir,
+                    "",
+                    done,
+                    cat_ids,
+                )
                 writer.write(done, {f"eval/{k}": v for k, v in m.items()})
 
         if end == total_steps:
             if latest is not None and latest == total_steps:
                 logging.info("already trained to step %d; evaluating the final checkpoint", latest)
-            final = evaluate(predict_student, _student_vars(state), eval_split, config, mesh,
-                             workdir, "", total_steps, cat_ids)  # fmt: skip
+            final = evaluate(
+                predict_student,
+                _student_vars(state),
+                eval_split,
+                config,
+                mesh,
+                workdir,
+                "",
+                total_steps,
+                cat_ids,
+            )
             writer.write(total_steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
         # Let an in-flight async save finish even when the loop raises, so the last good

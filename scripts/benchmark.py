@@ -45,7 +45,7 @@ def synthetic_batch(batch, canvas, max_boxes, num_classes, seed=0):
         "pad_shape": np.tile(np.array([h, w], np.int32), (batch, 1)),
         "scale_factor": np.ones((batch, 2), np.float32),
         "image_valid": np.ones(batch, bool),
-        "image_id": np.arange(batch, dtype=np.int64),
+        "image_id": np.arange(batch, dtype=np.int32),
     }
 
 

@@ -64,13 +64,19 @@ def main():
     diffs = jax.tree_util.tree_leaves(
         jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8)
     )
-    print(json.dumps({
-        "loss_1": float(m1["loss"]), "loss_8": float(m8["loss"]),
-        "grad_norm_1": float(m1["grad_norm"]), "grad_norm_8": float(m8["grad_norm"]),
-        "metrics_1": {k: float(v) for k, v in m1.items()},
-        "metrics_8": {k: float(v) for k, v in m8.items()},
-        "max_param_diff": max(diffs),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "loss_1": float(m1["loss"]),
+                "loss_8": float(m8["loss"]),
+                "grad_norm_1": float(m1["grad_norm"]),
+                "grad_norm_8": float(m8["grad_norm"]),
+                "metrics_1": {k: float(v) for k, v in m1.items()},
+                "metrics_8": {k: float(v) for k, v in m8.items()},
+                "max_param_diff": max(diffs),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,27 @@ def test_ignored_band_and_low_quality_match():
     gts = GTS.at[1].set(jnp.array([40.0, 40.0, 50.0, 55.0]))  # IoU with prior3 = 100/150
     gts = gts.at[1].set(jnp.array([38.0, 38.0, 52.0, 52.0]))  # IoU = 100/196 = 0.51
     out, _ = assign.max_iou_assign(
-        PRIORS, jnp.ones(5, bool), gts, jnp.array([True, True, False]),
-        pos_iou_thr=0.6, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=False,
-    )  # fmt: skip
+        PRIORS,
+        jnp.ones(5, bool),
+        gts,
+        jnp.array([True, True, False]),
+        pos_iou_thr=0.6,
+        neg_iou_thr=0.4,
+        min_pos_iou=0.0,
+        match_low_quality=False,
+    )
     # prior1 (IoU .5) and prior3 (.51) fall between .4 and .6 -> ignored (-1)
     np.testing.assert_array_equal(np.asarray(out), [1, -1, 0, -1, 0])
     out, _ = assign.max_iou_assign(
-        PRIORS, jnp.ones(5, bool), gts, jnp.array([True, True, False]),
-        pos_iou_thr=0.6, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=True,
-    )  # fmt: skip
+        PRIORS,
+        jnp.ones(5, bool),
+        gts,
+        jnp.array([True, True, False]),
+        pos_iou_thr=0.6,
+        neg_iou_thr=0.4,
+        min_pos_iou=0.0,
+        match_low_quality=True,
+    )
     # gt1's best prior is prior3: the low-quality step makes it positive for gt1
     np.testing.assert_array_equal(np.asarray(out), [1, -1, 0, 2, 0])
 
@@ -51,9 +63,14 @@ def test_later_gt_overwrites_equal_best():
     priors = jnp.array([[0.0, 0.0, 10.0, 10.0]])
     gts = jnp.array([[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 20.0, 10.0]])  # both IoU .5
     out, _ = assign.max_iou_assign(
-        priors, jnp.ones(1, bool), gts, jnp.ones(2, bool),
-        pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
-    )  # fmt: skip
+        priors,
+        jnp.ones(1, bool),
+        gts,
+        jnp.ones(2, bool),
+        pos_iou_thr=0.7,
+        neg_iou_thr=0.3,
+        min_pos_iou=0.3,
+    )
     assert int(out[0]) == 2  # argmax picks gt0, the low-quality loop's last gt (gt1) wins
 
 
@@ -61,9 +78,14 @@ def test_min_pos_iou_gates_low_quality():
     priors = jnp.array([[0.0, 0.0, 10.0, 10.0]])
     gts = jnp.array([[0.0, 0.0, 10.0, 40.0]])  # IoU .25
     out, _ = assign.max_iou_assign(
-        priors, jnp.ones(1, bool), gts, jnp.ones(1, bool),
-        pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
-    )  # fmt: skip
+        priors,
+        jnp.ones(1, bool),
+        gts,
+        jnp.ones(1, bool),
+        pos_iou_thr=0.7,
+        neg_iou_thr=0.3,
+        min_pos_iou=0.3,
+    )
     assert int(out[0]) == 0
 
 

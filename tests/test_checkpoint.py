@@ -6,10 +6,12 @@ from jdistill import checkpoint
 
 def model_tree():
     return {
-        "params": {"backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}},
-                   "head": {"cls": {"bias": np.zeros((4,), np.float32)}}},
+        "params": {
+            "backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}},
+            "head": {"cls": {"bias": np.zeros((4,), np.float32)}},
+        },
         "batch_stats": {"backbone": {"bn1": {"mean": np.zeros((8,), np.float32)}}},
-    }  # fmt: skip
+    }
 
 
 def test_exact_match_merges_values():

@@ -12,10 +12,18 @@ from jdistill.evaluate import coco as coco_eval
 
 def data_cfg(**kw):
     base = dict(
-        builder="synthetic_shapes", root="", data_dir="", scales=((160, 128),),
-        canvases=((128, 160), (160, 128)), flip_ratio=0.5, max_boxes=8, num_workers=2,
-        prefetch=2, train_split="train", eval_split="validation",
-    )  # fmt: skip
+        builder="synthetic_shapes",
+        root="",
+        data_dir="",
+        scales=((160, 128),),
+        canvases=((128, 160), (160, 128)),
+        flip_ratio=0.5,
+        max_boxes=8,
+        num_workers=2,
+        prefetch=2,
+        train_split="train",
+        eval_split="validation",
+    )
     return ml_collections.ConfigDict(base | kw)
 
 
@@ -102,8 +110,13 @@ def test_eval_batches_cover_every_image_once():
 
 def test_coco8_reads_like_mmdetection():
     root = shared_data("coco8")
-    cfg = data_cfg(builder="coco_folder", root=str(root), scales=((1333, 800),),
-                   canvases=((800, 1344), (1344, 800)), max_boxes=100)  # fmt: skip
+    cfg = data_cfg(
+        builder="coco_folder",
+        root=str(root),
+        scales=((1333, 800),),
+        canvases=((800, 1344), (1344, 800)),
+        max_boxes=100,
+    )
     split = pipeline.load_split(cfg, "validation")
     ann = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     assert len(split) == len(ann["images"])
@@ -139,20 +152,28 @@ def test_coco_folder_errors_name_the_file(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "train2017").mkdir()
     with pytest.raises(coco_folder.CocoFolderError, match="instances_train2017.json"):
-        coco_folder.CocoFolder(root=str(tmp_path), splits={"train": "train2017"},
-                               data_dir=str(tmp_path / "tfds"))  # fmt: skip
+        coco_folder.CocoFolder(
+            root=str(tmp_path), splits={"train": "train2017"}, data_dir=str(tmp_path / "tfds")
+        )
     bad = tmp_path / "annotations" / "instances_train2017.json"
     bad.write_text("{not json")
     with pytest.raises(coco_folder.CocoFolderError, match="not valid JSON"):
-        coco_folder.CocoFolder(root=str(tmp_path), splits={"train": "train2017"},
-                               data_dir=str(tmp_path / "tfds"))  # fmt: skip
-    bad.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "broken.jpg", "height": 10, "width": 10}],
-        "annotations": [], "categories": [{"id": 1, "name": "thing"}],
-    }))  # fmt: skip
+        coco_folder.CocoFolder(
+            root=str(tmp_path), splits={"train": "train2017"}, data_dir=str(tmp_path / "tfds")
+        )
+    bad.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "broken.jpg", "height": 10, "width": 10}],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "thing"}],
+            }
+        )
+    )
     (tmp_path / "train2017" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    b = coco_folder.CocoFolder(root=str(tmp_path), splits={"train": "train2017"},
-                               data_dir=str(tmp_path / "tfds"))  # fmt: skip
+    b = coco_folder.CocoFolder(
+        root=str(tmp_path), splits={"train": "train2017"}, data_dir=str(tmp_path / "tfds")
+    )
     with pytest.raises(Exception, match="broken.jpg"):
         b.download_and_prepare(file_format="array_record")
 
@@ -170,3 +191,44 @@ def test_annotation_filter_follows_mmdetection():
     np.testing.assert_allclose(obj["bbox"], [[0, 0, 10, 10], [1, 2, 4, 6]])
     np.testing.assert_array_equal(obj["label"], [0, 1])
     np.testing.assert_array_equal(obj["is_crowd"], [False, True])
+
+
+def test_each_host_reads_its_own_slice(monkeypatch):
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(pipeline.jax, "process_index", lambda: 1)
+    np.testing.assert_array_equal(pipeline.host_slice(np.arange(8)), [4, 5, 6, 7])
+    with pytest.raises(ValueError, match="does not split"):
+        pipeline.host_slice(np.arange(7))
+
+
+def test_multiscale_range_and_value_sampling():
+    rng = np.random.default_rng(0)
+    cfg = data_cfg(scales=((1333, 480), (1333, 800)), multiscale_mode="range")
+    draws = np.array([pipeline.sample_scale(cfg, rng) for _ in range(6000)])
+    assert (draws[:, 0] == 1333).all()
+    assert draws[:, 1].min() == 480 and draws[:, 1].max() == 800
+    # uniform over the 321 integers: each quarter of the range holds ~1/4 of the draws
+    counts = np.histogram(draws[:, 1], bins=[480, 560, 640, 720, 801])[0] / len(draws)
+    np.testing.assert_allclose(counts, [80 / 321, 80 / 321, 80 / 321, 81 / 321], atol=0.03)
+    cfg = data_cfg(scales=((1333, 640), (1333, 800)), multiscale_mode="value")
+    draws = np.array([pipeline.sample_scale(cfg, rng)[1] for _ in range(4000)])
+    assert set(draws.tolist()) == {640, 800}
+    assert abs((draws == 640).mean() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="multiscale_mode"):
+        pipeline.sample_scale(data_cfg(scales=((1, 2), (3, 4)), multiscale_mode="ratio"), rng)
+
+
+def test_multiscale_batches_take_the_smallest_canvas(shapes_train):
+    cfg = data_cfg(
+        scales=((160, 80), (160, 128)),
+        multiscale_mode="value",
+        canvases=((96, 160), (160, 96), (128, 160), (160, 128)),
+    )
+    s = pipeline.TrainSampler(shapes_train, cfg, 8, seed=0)
+    it = iter(pipeline.train_dataset(shapes_train, s, cfg, seed=0, num_steps=12))
+    shapes = set()
+    for _ in range(12):
+        b = next(it)
+        shapes.add(b["image"].shape[1:3])
+        assert (b["img_shape"] <= np.array(b["image"].shape[1:3])).all()
+    assert len(shapes) > 2  # small-scale batches use the small canvases

@@ -11,7 +11,17 @@ from conftest import REPO, cli_env, load_config
 
 from jdistill import checkpoint, demo, train
 
-CONFIGS = ["retinanet_r50_coco", "retinanet_r101_coco", "frs_retinanet"]
+CONFIGS = [
+    "retinanet_r50_coco",
+    "retinanet_r101_coco",
+    "frs_retinanet",
+    "gfl_r50_coco",
+    "gfl_r101_mstrain_2x_coco",
+    "frs_gfl",
+    "fcos_r50_caffe_coco",
+    "fcos_r101_caffe_mstrain_2x_coco",
+    "frs_fcos",
+]
 
 
 def read_metrics(workdir):
@@ -49,8 +59,14 @@ def test_demo_runlocal_writes_three_result_sets(tmp_path):
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert set(saved) == {"teacher", "baseline", "frs"}
     for stage in saved.values():
-        assert set(stage) == {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s",
-                              "bbox_mAP_m", "bbox_mAP_l"}  # fmt: skip
+        assert set(stage) == {
+            "bbox_mAP",
+            "bbox_mAP_50",
+            "bbox_mAP_75",
+            "bbox_mAP_s",
+            "bbox_mAP_m",
+            "bbox_mAP_l",
+        }
     assert saved == json.loads(json.dumps(results))
     # the FRS stage distilled from the teacher stage's checkpoint
     frs_cfg = json.loads((tmp_path / "frs" / "config.json").read_text())
@@ -97,8 +113,14 @@ def test_distillation_without_teacher_is_refused():
 
 
 def test_misspelt_config_key_is_a_one_line_error(tmp_path):
-    cmd = [sys.executable, "-m", "jdistill.main", "--config=configs/frs_retinanet.py:runlocal",
-           f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jdistill.main",
+        "--config=configs/frs_retinanet.py:runlocal",
+        f"--workdir={tmp_path}",
+        "--config.optimizer.lrr=0.1",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

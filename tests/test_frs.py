@@ -41,8 +41,9 @@ def test_hand_case_with_uneven_mask_and_channels():
     t_feat = jnp.array([[[[1.0, 2.0], [3.0, 0.0]]]])  # C = 2
     s_feat = jnp.zeros((1, 1, 2, 2))
     targets = {"pad_shape": jnp.array([[8, 16]])}
-    l_feat, _ = frs.frs_feat(taps(s_feat, None), taps(t_feat, t_logits), targets,
-                             identity_adapter(2), cfg=CFG)  # fmt: skip
+    l_feat, _ = frs.frs_feat(
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(2), cfg=CFG
+    )
     # sum_c (T - 0)^2 = 5 and 9; weighted (.5*5 + .75*9) / 1.25
     np.testing.assert_allclose(l_feat, (0.5 * 5 + 0.75 * 9) / 1.25, rtol=1e-6)
     s_logits = jnp.zeros((1, 1, 2, 2))
@@ -57,13 +58,15 @@ def test_padding_pixels_do_not_count():
     s_feat = jnp.zeros((1, 2, 2, 1)).at[0, :, 1].set(100.0)  # garbage in column 1
     # the image is 8 px wide at stride 8: only column 0 is valid
     targets = {"pad_shape": jnp.array([[16, 8]])}
-    l_feat, _ = frs.frs_feat(taps(s_feat, None), taps(t_feat, t_logits), targets,
-                             identity_adapter(1), cfg=CFG)  # fmt: skip
+    l_feat, _ = frs.frs_feat(
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=CFG
+    )
     np.testing.assert_allclose(l_feat, 1.0, rtol=1e-6)
     cfg = CFG.copy_and_resolve_references()
     cfg.count_padding = True
-    l_all, _ = frs.frs_feat(taps(s_feat, None), taps(t_feat, t_logits), targets,
-                            identity_adapter(1), cfg=cfg)  # fmt: skip
+    l_all, _ = frs.frs_feat(
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=cfg
+    )
     np.testing.assert_allclose(l_all, (2 * 1 + 2 * 99**2) / 4, rtol=1e-6)
 
 
@@ -87,8 +90,9 @@ def test_no_gradient_reaches_the_teacher():
 
 
 def test_adapters_init_shapes_and_torch_bounds():
-    p = adapters.init(jax.random.PRNGKey(0), num_levels=5, in_channels=8, out_channels=16,
-                      kind="conv3x3")  # fmt: skip
+    p = adapters.init(
+        jax.random.PRNGKey(0), num_levels=5, in_channels=8, out_channels=16, kind="conv3x3"
+    )
     assert sorted(p) == [f"level_{i}" for i in range(5)]
     k = np.asarray(p["level_0"]["kernel"])
     assert k.shape == (3, 3, 8, 16)

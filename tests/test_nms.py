@@ -84,9 +84,12 @@ def test_batched_nms_never_suppresses_across_classes():
         ref += [sel[i] for i in numpy_nms(boxes[sel], scores[sel], 0.5)]
     ref = sorted(ref, key=lambda i: -scores[i])
     idx, valid = nms.batched_nms(
-        jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(labels), iou_threshold=0.5,
+        jnp.asarray(boxes),
+        jnp.asarray(scores),
+        jnp.asarray(labels),
+        iou_threshold=0.5,
         max_output=200,
-    )  # fmt: skip
+    )
     assert int(valid.sum()) == len(ref)
     np.testing.assert_array_equal(np.asarray(idx)[: len(ref)], ref)
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jdistill.data import transforms
 from jdistill.data.builders import coco_folder, features, synthetic_shapes
@@ -106,7 +107,11 @@ def _read_meta(builder, split):
 def load_split(data_cfg, split):
     """Prepares (once) and opens `split` ('train' or 'validation') of the configured data set."""
     builder = get_builder(data_cfg)
-    if jax.process_index() == 0 or not os.path.exists(builder.data_dir):
+    # One process prepares; on a pod the others wait for it, then find the data ready.
+    if jax.process_index() == 0:
+        builder.download_and_prepare(file_format="array_record")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"prepared {builder.name}")
         builder.download_and_prepare(file_format="array_record")
     if split not in builder.info.splits:
         raise ValueError(f"{builder.name} has no split {split!r}: {list(builder.info.splits)}")
@@ -125,16 +130,53 @@ def load_split(data_cfg, split):
 
 def canvas_of(h, w, data_cfg):
     """The canvas an h x w original image goes to at the largest configured scale."""
-    nh, nw, _ = transforms.rescale_size(h, w, max(data_cfg.scales, key=min))
+    nh, nw, _ = transforms.rescale_size(h, w, test_scale(data_cfg))
     return transforms.choose_canvas(nh, nw, [tuple(c) for c in data_cfg.canvases])
 
 
-def process_example(ex, *, data_cfg, train, rng):
+def test_scale(data_cfg):
+    """The evaluation scale: the largest configured one (mmdetection's test img_scale)."""
+    return tuple(max(data_cfg.scales, key=min))
+
+
+def sample_scale(data_cfg, rng):
+    """mmdetection `Resize` multi-scale sampling of one training scale (long_max, short_max).
+
+    'value': one of the configured scales, uniformly. 'range': long edge uniform in
+    [min long, max long] and short edge uniform in [min short, max short], integers inclusive.
+    """
+    scales = [tuple(sorted(s, reverse=True)) for s in data_cfg.scales]
+    mode = data_cfg.get("multiscale_mode", "value")
+    if len(scales) == 1:
+        return scales[0]
+    if mode == "value":
+        return scales[rng.integers(len(scales))]
+    if mode == "range":
+        longs = [s[0] for s in scales]
+        shorts = [s[1] for s in scales]
+        return (
+            int(rng.integers(min(longs), max(longs) + 1)),
+            int(rng.integers(min(shorts), max(shorts) + 1)),
+        )
+    raise ValueError(f"data.multiscale_mode={mode!r}: use 'value' or 'range'")
+
+
+def batch_canvas(sizes, data_cfg):
+    """The smallest configured canvas holding every (h, w) of a batch of resized images."""
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    return transforms.choose_canvas(h, w, [tuple(c) for c in data_cfg.canvases])
+
+
+def process_example(ex, *, data_cfg, train, rng, scale=None, canvas=None):
     """Decoded tfds example -> one padded, fixed-shape example (numpy).
+
+    `scale` (long_max, short_max) defaults to the test scale; `canvas` to the one the image
+    needs at the largest scale.
 
     Returns a dict: image [H, W, 3] uint8 canvas; boxes [G, 4] float32 canvas pixels; labels [G]
     int32; box_valid [G] bool; img_shape, pad_shape, orig_shape [2] int32; scale_factor [2]
-    float32 (x, y); image_id int64; image_valid bool; dropped_boxes int32.
+    float32 (x, y); image_id int32; image_valid bool; dropped_boxes int32.
     """
     image = np.asarray(ex["image"])
     if image.ndim != 3 or image.shape[2] != 3:
@@ -143,9 +185,8 @@ def process_example(ex, *, data_cfg, train, rng):
     keep = ~np.asarray(obj["is_crowd"], bool)  # crowd boxes are never trained on
     boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)[keep]
     labels = np.asarray(obj["label"], np.int64)[keep]
-    scales = [tuple(s) for s in data_cfg.scales]
-    scale = scales[rng.integers(len(scales))] if train else max(scales, key=min)
-    canvas = canvas_of(image.shape[0], image.shape[1], data_cfg)
+    scale = scale or test_scale(data_cfg)
+    canvas = canvas or canvas_of(image.shape[0], image.shape[1], data_cfg)
     orig = image.shape[:2]
     image, boxes, sf = transforms.resize(image, boxes, scale)
     if train and rng.uniform() < data_cfg.flip_ratio:
@@ -161,7 +202,7 @@ def process_example(ex, *, data_cfg, train, rng):
         "pad_shape": np.minimum(transforms.pad_shape(h, w), canvas).astype(np.int32),
         "orig_shape": np.array(orig, np.int32),
         "scale_factor": sf,
-        "image_id": np.int64(ex["image_id"]),
+        "image_id": np.int32(ex["image_id"]),  # COCO ids fit; jax runs without x64
         "image_valid": np.bool_(True),
         "dropped_boxes": np.int32(dropped),
     }

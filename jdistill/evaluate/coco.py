@@ -9,7 +9,6 @@ synthetic set. Detections arrive as fixed-size device outputs and are filtered b
 import contextlib
 import io
 
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -80,7 +79,10 @@ def to_results(dets, image_ids, image_valid, category_ids):
 
 
 def evaluate(gt, results):
-    """COCOeval bbox. -> (dict of METRIC_NAMES -> float, the printed summary)."""
+    """COCOeval bbox. -> (dict of METRIC_NAMES -> float, the printed summary).
+
+    A metric is -1 where its area range has no ground truth (COCOeval's convention).
+    """
     if not results:
         return {k: 0.0 for k in METRIC_NAMES}, "no detections"
     buf = io.StringIO()
@@ -90,5 +92,5 @@ def evaluate(gt, results):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = np.maximum(ev.stats[:6], 0.0)  # COCOeval reports -1 for empty area ranges
-    return {k: float(v) for k, v in zip(METRIC_NAMES, stats, strict=True)}, buf.getvalue()
+    # As mmdetection, -1 stays -1: COCOeval's mark for an area range with no ground truth.
+    return {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)}, buf.getvalue()

@@ -3,8 +3,16 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230)]  # fmt: skip
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+]
 
 
 def draw_grid(images, dets, class_names, path, score_thr=0.3, cell=256):

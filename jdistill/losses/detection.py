@@ -7,6 +7,8 @@ by its normaliser (mmdetection's `weight_reduce_loss` with `avg_factor`).
 import jax
 import jax.numpy as jnp
 
+from jdistill.ops import boxes as box_ops
+
 
 def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0):
     """Sigmoid focal loss per element: -alpha_t (1 - p_t)^gamma log p_t.
@@ -57,3 +59,75 @@ def grouped_sum(x, group_size):
     if b % g:
         raise ValueError(f"batch of {b} images does not split into groups of {g}")
     return x.reshape(b // g, -1).astype(jnp.float32).sum(axis=1)
+
+
+def quality_focal_loss(logits, labels, scores, *, beta=2.0):
+    """GFL's quality focal loss per prior (mmdetection `quality_focal_loss`), summed over classes.
+
+    Every (prior, class) entry is BCE(x, 0) * sigmoid(x)^beta, except a positive prior's
+    gt-class entry: BCE(x, q) * |q - sigmoid(x)|^beta with q the IoU quality target.
+
+    Args:
+      logits: [..., C] joint class-quality logits.
+      labels: [...] int class of positives; any value outside [0, C) marks a negative.
+      scores: [...] quality targets q (IoU of the decoded box with its gt) at positives.
+      beta: focusing exponent.
+    Returns:
+      [...] float32 loss per prior.
+    """
+    logits = logits.astype(jnp.float32)
+    sig = jax.nn.sigmoid(logits)
+    neg = bce_with_logits(logits, 0.0) * sig**beta
+    num_classes = logits.shape[-1]
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # all zero when out of range
+    q = scores[..., None].astype(jnp.float32)
+    pos = bce_with_logits(logits, q) * jnp.abs(q - sig) ** beta
+    return jnp.where(onehot > 0, pos, neg).sum(-1)
+
+
+def distribution_focal_loss(logits, target):
+    """GFL's distribution focal loss (mmdetection `distribution_focal_loss`).
+
+    With l = floor(t): CE(logits, l) * (l + 1 - t) + CE(logits, l + 1) * (t - l).
+
+    Args:
+      logits: [..., R + 1] logits over the discretised distances 0..R.
+      target: [...] float distances in [0, R - 0.1] (already clamped by the caller).
+    Returns:
+      [...] float32 loss.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    left = jnp.floor(target).astype(jnp.int32)
+    right = left + 1
+    w_left = right.astype(jnp.float32) - target
+    w_right = target - left.astype(jnp.float32)
+    ce_left = -jnp.take_along_axis(logp, left[..., None], axis=-1)[..., 0]
+    ce_right = -jnp.take_along_axis(logp, right[..., None], axis=-1)[..., 0]
+    return ce_left * w_left + ce_right * w_right
+
+
+def giou_loss(pred, target, eps=1e-6):
+    """1 - GIoU of aligned boxes, as mmdetection's `bbox_overlaps(mode='giou', is_aligned)`.
+
+    Union and enclosing area are clamped to at least eps. pred, target: [..., 4] -> [...].
+    """
+    pred = pred.astype(jnp.float32)
+    lt = jnp.maximum(pred[..., :2], target[..., :2])
+    rb = jnp.minimum(pred[..., 2:], target[..., 2:])
+    wh = jnp.clip(rb - lt, 0.0)
+    overlap = wh[..., 0] * wh[..., 1]
+    area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
+    area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
+    union = jnp.maximum(area_p + area_t - overlap, eps)
+    ious = overlap / union
+    e_wh = jnp.clip(
+        jnp.maximum(pred[..., 2:], target[..., 2:]) - jnp.minimum(pred[..., :2], target[..., :2]),
+        0.0,
+    )
+    enclose = jnp.maximum(e_wh[..., 0] * e_wh[..., 1], eps)
+    return 1.0 - (ious - (enclose - union) / enclose)
+
+
+def iou_log_loss(pred, target, eps=1e-6):
+    """FCOS's IoU loss, mode 'log': -log(clamp(IoU, eps)). pred, target: [..., 4] -> [...]."""
+    return -jnp.log(jnp.maximum(box_ops.aligned_iou(pred.astype(jnp.float32), target), eps))

@@ -8,9 +8,9 @@ the uint8 canvas the pipeline ships into the network's input on device.
 
 import jax.numpy as jnp
 
-from jdistill.models import retinanet
+from jdistill.models import fcos, gfl, retinanet
 
-FAMILIES = {"retinanet": retinanet.RetinaNet}
+FAMILIES = {"retinanet": retinanet.RetinaNet, "gfl": gfl.GFL, "fcos": fcos.FCOS}
 
 # mmdetection's Normalize settings (specs/detectors.md §1.1 step 4).
 PIXEL_NORMS = {

@@ -25,7 +25,11 @@ def prior_bias(prior_prob=0.01):
 
 
 class Conv(nn.Module):
-    """Conv2d with PyTorch's symmetric padding (k // 2 on every side), NHWC."""
+    """Conv2d with PyTorch's symmetric padding (k // 2 on every side), NHWC.
+
+    With `norm='gn'` it is mmcv's ConvModule(conv -> GroupNorm(32) -> ReLU): the conv has no
+    bias (bias='auto') and the norm is named `gn`, as in mmdetection's state_dict.
+    """
 
     features: int
     kernel: int
@@ -34,11 +38,27 @@ class Conv(nn.Module):
     kernel_init: nn.initializers.Initializer = kaiming_fan_out
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     dtype: jnp.dtype = jnp.float32
+    norm: str | None = None
 
     @nn.compact
     def __call__(self, x):
         """x: [N, H, W, C_in] -> [N, ceil(H / stride), ceil(W / stride), features]."""
         p = self.kernel // 2
+        if self.norm is not None:
+            if self.norm != "gn":
+                raise ValueError(f"norm={self.norm!r}: only 'gn' is supported in heads")
+            y = nn.Conv(
+                self.features,
+                (self.kernel, self.kernel),
+                strides=(self.stride, self.stride),
+                padding=((p, p), (p, p)),
+                use_bias=False,
+                kernel_init=self.kernel_init,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="conv",
+            )(x)
+            return nn.relu(GroupNorm32(dtype=self.dtype, name="gn")(y))
         return nn.Conv(
             self.features,
             (self.kernel, self.kernel),

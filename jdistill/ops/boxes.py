@@ -123,3 +123,50 @@ def clip_boxes(boxes, max_shape):
         ],
         axis=-1,
     )
+
+
+def distance_to_box(points, distances, max_shape=None):
+    """mmdetection `distance2bbox`: (x - l, y - t, x + r, y + b), optionally clipped.
+
+    Args:
+      points: [..., 2] (x, y).
+      distances: [..., 4] (left, top, right, bottom).
+      max_shape: optional [..., 2] (height, width) to clip to.
+    Returns:
+      [..., 4] boxes.
+    """
+    x, y = points[..., 0], points[..., 1]
+    boxes = jnp.stack(
+        [
+            x - distances[..., 0],
+            y - distances[..., 1],
+            x + distances[..., 2],
+            y + distances[..., 3],
+        ],
+        axis=-1,
+    )
+    return boxes if max_shape is None else clip_boxes(boxes, max_shape)
+
+
+def box_to_distance(points, boxes, max_dis=None, eps=0.1):
+    """mmdetection `bbox2distance`: (x - x1, y - y1, x2 - x, y2 - y), clamped to
+    [0, max_dis - eps] when max_dis is given. points: [..., 2], boxes: [..., 4] -> [..., 4]."""
+    d = jnp.stack(
+        [
+            points[..., 0] - boxes[..., 0],
+            points[..., 1] - boxes[..., 1],
+            boxes[..., 2] - points[..., 0],
+            boxes[..., 3] - points[..., 1],
+        ],
+        axis=-1,
+    )
+    if max_dis is not None:
+        d = jnp.clip(d, 0.0, max_dis - eps)
+    return d
+
+
+def centers(boxes):
+    """Box centres. [..., 4] -> [..., 2]."""
+    return jnp.stack(
+        [(boxes[..., 0] + boxes[..., 2]) * 0.5, (boxes[..., 1] + boxes[..., 3]) * 0.5], axis=-1
+    )

@@ -1,0 +1,164 @@
+"""GFL (Generalized Focal Loss) as mmdetection 2.x `GFLHead` (`specs/detectors.md` §3).
+
+Joint class-quality scores trained with quality focal loss, box sides as distributions over
+0..reg_max (distribution focal loss plus GIoU on the integral), ATSS assignment.
+
+Normalisers: the QFL average factor and the box-weight sum are `reduce_mean`-ed over GPUs in
+the reference; averaging each group's loss over groups of `loss_group_size` images then equals
+the global sum divided by the group-mean normaliser, which is what is computed here.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jdistill.losses import detection as det_losses
+from jdistill.models import dense, layers
+from jdistill.ops import anchors as anchor_ops
+from jdistill.ops import assign as assign_ops
+from jdistill.ops import boxes as box_ops
+
+
+class GFLHead(nn.Module):
+    """GN conv towers, `gfl_cls` (K joint scores) and `gfl_reg` (4 x (reg_max + 1)) with a
+    learnable `Scale` per level on the regression logits."""
+
+    num_classes: int
+    feat_channels: int = 256
+    stacked_convs: int = 4
+    reg_max: int = 16
+    prior_prob: float = 0.01
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, level):
+        """x: [N, H, W, C] -> {cls_logits [N, H, W, K], bbox_dist [N, H, W, 4*(reg_max+1)]}."""
+        c = r = x
+        for i in range(self.stacked_convs):
+            c = layers.Conv(
+                self.feat_channels,
+                3,
+                kernel_init=layers.normal_001,
+                norm="gn",
+                dtype=self.dtype,
+                name=f"cls_convs_{i}",
+            )(c)
+            r = layers.Conv(
+                self.feat_channels,
+                3,
+                kernel_init=layers.normal_001,
+                norm="gn",
+                dtype=self.dtype,
+                name=f"reg_convs_{i}",
+            )(r)
+        cls = layers.Conv(
+            self.num_classes,
+            3,
+            kernel_init=layers.normal_001,
+            bias_init=layers.prior_bias(self.prior_prob),
+            dtype=self.dtype,
+            name="gfl_cls",
+        )(c)
+        reg = layers.Conv(
+            4 * (self.reg_max + 1),
+            3,
+            kernel_init=layers.normal_001,
+            dtype=self.dtype,
+            name="gfl_reg",
+        )(r)
+        scale = self.param(f"scales_{level}", nn.initializers.ones, (), jnp.float32)
+        return {"cls_logits": cls.astype(jnp.float32), "bbox_dist": reg.astype(jnp.float32) * scale}
+
+
+def integral(dist_logits, reg_max):
+    """Expected distance under softmax over 0..reg_max. [..., 4*(R+1)] -> [..., 4]."""
+    p = jax.nn.softmax(dist_logits.reshape(*dist_logits.shape[:-1], 4, reg_max + 1), axis=-1)
+    return p @ jnp.arange(reg_max + 1, dtype=jnp.float32)
+
+
+class GFL(dense.DenseDetector):
+    """The GFL detector: one 8s x 8s anchor per location (ATSS and point centres)."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.num_anchors = 1
+        self.reg_max = cfg.reg_max
+        head = GFLHead(
+            num_classes,
+            cfg.neck_channels,
+            cfg.stacked_convs,
+            cfg.reg_max,
+            dtype=jnp.dtype(cfg.dtype),
+        )
+        self.module = dense.DenseModule(
+            bbox_head=head, add_extra_convs="on_output", **dense.backbone_kwargs(cfg)
+        )
+
+    def priors(self, canvas_hw):
+        """Per-level anchors (one square of octave_base_scale * stride per location)."""
+        return anchor_ops.multilevel_anchors(
+            canvas_hw, self.strides, self.cfg.octave_base_scale, 1, (1.0,)
+        )
+
+    def loss(self, outputs, batch):
+        """QFL + GIoU + DFL with the reference's normalisers (`gfl_head.py` loss).
+
+        Args:
+          outputs: from the module; batch: as `RetinaNet.loss`.
+        Returns:
+          (total, {'loss_cls', 'loss_bbox', 'loss_dfl'}).
+        """
+        cfg = self.cfg
+        priors = self.priors(self.canvas_of(outputs))
+        sizes = [len(p) for p in priors]
+        anchors = jnp.asarray(np.concatenate(priors))
+        strides = jnp.asarray(
+            np.concatenate(
+                [np.full(n, s, np.float32) for n, s in zip(sizes, self.strides, strict=True)]
+            )
+        )
+        valid = self.valid_priors(outputs, batch)
+        gt_valid = batch["box_valid"] & batch["image_valid"][:, None]
+        assigned, _ = jax.vmap(
+            lambda v, g, gv: assign_ops.atss_assign(anchors, v, sizes, g, gv, topk=cfg.atss_topk)
+        )(valid, batch["boxes"], gt_valid)
+        pos = assigned > 0
+        gt_idx = jnp.maximum(assigned - 1, 0)
+        matched = jnp.take_along_axis(batch["boxes"], gt_idx[..., None], axis=1)
+        labels = jnp.where(pos, jnp.take_along_axis(batch["labels"], gt_idx, axis=1), -1)
+
+        cls = self.flat(outputs, "cls_logits", self.num_classes)  # [B, A, K]
+        dist_logits = self.flat(outputs, "bbox_dist", 4 * (self.reg_max + 1))
+        centers = box_ops.centers(anchors) / strides[:, None]  # stride units
+        pred_box = box_ops.distance_to_box(centers, integral(dist_logits, self.reg_max))
+        target_box = matched / strides[None, :, None]
+        quality = box_ops.aligned_iou(jax.lax.stop_gradient(pred_box), target_box)
+        quality = jnp.where(pos, quality, 0.0)
+        weight = jax.lax.stop_gradient(jax.nn.sigmoid(cls).max(-1)) * pos
+
+        qfl = det_losses.quality_focal_loss(cls, labels, quality, beta=cfg.qfl_beta)
+        qfl = qfl * valid
+        giou = det_losses.giou_loss(pred_box, target_box) * weight
+        t = box_ops.box_to_distance(centers, target_box, max_dis=self.reg_max)
+        dfl_logits = dist_logits.reshape(*dist_logits.shape[:2], 4, self.reg_max + 1)
+        dfl = det_losses.distribution_focal_loss(dfl_logits, t).sum(-1) * weight
+
+        groups = det_losses.grouped_sum(jnp.zeros_like(qfl), cfg.loss_group_size).shape[0]
+        num_pos = (jnp.maximum(pos.sum(1), 1) * batch["image_valid"]).sum()
+        # reduce_mean over groups of sum_img max(npos, 1), clamped to 1 (gfl_head.py)
+        avg = jnp.maximum(num_pos / groups, 1.0)
+        w_mean = jnp.maximum(weight.sum() / groups, 1.0)
+        loss_cls = cfg.qfl_weight * qfl.sum() / (groups * (avg + dense.AVG_EPS))
+        loss_bbox = cfg.giou_weight * giou.sum() / (groups * w_mean)
+        loss_dfl = cfg.dfl_weight * dfl.sum() / 4.0 / (groups * w_mean)
+        metrics = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_dfl": loss_dfl}
+        return loss_cls + loss_bbox + loss_dfl, metrics
+
+    def decode_level(self, level, priors, raw, prior_idx, img_shape):
+        """Integral distances times the stride from the anchor centre, clipped to the image."""
+        d = raw["bbox_dist"].reshape(-1, 4 * (self.reg_max + 1))[prior_idx]
+        dist = integral(d, self.reg_max) * self.strides[level]
+        return box_ops.distance_to_box(
+            box_ops.centers(priors[prior_idx]), dist, max_shape=img_shape
+        )
