@@ -70,4 +70,5 @@ def get_config(arg=None):
         # 8 images: one per device when the tests simulate 8 devices
         config.batch_size = 8
         config.eval_batch_size = 8
+        config.data.canvases = ((160, 160),)  # one canvas: one compile per function
     return config

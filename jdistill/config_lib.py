@@ -27,39 +27,80 @@ def parse_arg(arg, **defaults):
     return out
 
 
+def _dense_model(family, depth, **family_fields):
+    """Fields every dense detector block shares (ResNet + FPN + head, mmdetection COCO)."""
+    fields = dict(
+        family=family,
+        depth=depth,
+        style="pytorch",
+        frozen_stages=1,
+        norm_trainable=True,  # BN affine params train (requires_grad=True)
+        norm_eval=True,  # BN on running statistics (False: batch statistics, for scratch)
+        width=1.0,
+        neck_channels=256,
+        stacked_convs=4,
+        # Images per normalisation group: mmdetection normalises per GPU of 2 images.
+        loss_group_size=2,
+        test_score_thr=0.05,
+        test_nms_pre=1000,
+        test_nms_iou=0.5,
+        test_max_per_img=100,
+        dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
+        init="",  # a checkpoint for the student before training (e.g. a converted backbone)
+        init_skip=(),  # regexes of param paths left at their initial values when loading
+    )
+    fields.update(family_fields)
+    return ml_collections.ConfigDict(fields)
+
+
 def retinanet(depth=50):
     """mmdetection retinanet_r{depth}_fpn: ResNet + FPN (P6 on C5) + RetinaHead, COCO settings."""
-    return ml_collections.ConfigDict(
-        dict(
-            family="retinanet",
-            depth=depth,
-            style="pytorch",
-            frozen_stages=1,
-            norm_trainable=True,  # BN affine params train (requires_grad=True)
-            norm_eval=True,  # BN on running statistics (False: batch statistics, for scratch)
-            width=1.0,
-            neck_channels=256,
-            stacked_convs=4,
-            octave_base_scale=4,
-            scales_per_octave=3,
-            anchor_ratios=(0.5, 1.0, 2.0),
-            pos_iou_thr=0.5,
-            neg_iou_thr=0.4,
-            min_pos_iou=0.0,
-            focal_alpha=0.25,
-            focal_gamma=2.0,
-            cls_loss_weight=1.0,
-            bbox_loss_weight=1.0,
-            # Images per normalisation group: mmdetection normalises per GPU of 2 images.
-            loss_group_size=2,
-            test_score_thr=0.05,
-            test_nms_pre=1000,
-            test_nms_iou=0.5,
-            test_max_per_img=100,
-            dtype="float32",
-            init="",  # a checkpoint for the student before training (e.g. a converted backbone)
-            init_skip=(),  # regexes of param paths left at their initial values when loading
-        )
+    return _dense_model(
+        "retinanet",
+        depth,
+        octave_base_scale=4,
+        scales_per_octave=3,
+        anchor_ratios=(0.5, 1.0, 2.0),
+        pos_iou_thr=0.5,
+        neg_iou_thr=0.4,
+        min_pos_iou=0.0,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        cls_loss_weight=1.0,
+        bbox_loss_weight=1.0,
+    )
+
+
+def gfl(depth=50):
+    """mmdetection gfl_r{depth}_fpn: ResNet + FPN (P6 on P5) + GFLHead (GN), ATSS, QFL/DFL/GIoU."""
+    return _dense_model(
+        "gfl",
+        depth,
+        octave_base_scale=8,
+        reg_max=16,
+        atss_topk=9,
+        qfl_beta=2.0,
+        qfl_weight=1.0,
+        dfl_weight=0.25,
+        giou_weight=2.0,
+        test_nms_iou=0.6,
+    )
+
+
+def fcos(depth=50):
+    """mmdetection fcos_r{depth}_caffe_fpn_gn-head: caffe ResNet (BN frozen), FPN with ReLU
+    before P7, GN head; focal + IoU + centerness; no tricks (norm_on_bbox etc. off)."""
+    return _dense_model(
+        "fcos",
+        depth,
+        style="caffe",
+        norm_trainable=False,  # caffe backbones: BN fully frozen (requires_grad=False)
+        norm_on_bbox=False,
+        centerness_on_reg=False,
+        center_sampling=False,
+        center_sample_radius=1.5,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
     )
 
 
@@ -152,7 +193,7 @@ def shrink_for_runlocal(config, steps=4):
         config.data.builder = "synthetic_shapes"
     multi = len(config.data.scales) > 1
     config.data.scales = ((128, 80), (128, 96)) if multi else ((128, 96),)
-    config.data.canvases = ((96, 128), (128, 96))
+    config.data.canvases = ((128, 128),)  # one square canvas: one compile per function
     config.data.max_boxes = 8
     config.data.num_workers = 2
     # 8 images: one per device when the tests simulate 8 devices
@@ -167,70 +208,6 @@ def shrink_for_runlocal(config, steps=4):
     if config.get("distill"):
         config.distill.warmup_steps = 2
     return config
-
-
-def gfl(depth=50):
-    """mmdetection gfl_r{depth}_fpn: ResNet + FPN (P6 on P5) + GFLHead (GN), ATSS, QFL/DFL/GIoU."""
-    return ml_collections.ConfigDict(
-        dict(
-            family="gfl",
-            depth=depth,
-            style="pytorch",
-            frozen_stages=1,
-            norm_trainable=True,
-            norm_eval=True,
-            width=1.0,
-            neck_channels=256,
-            stacked_convs=4,
-            octave_base_scale=8,
-            reg_max=16,
-            atss_topk=9,
-            qfl_beta=2.0,
-            qfl_weight=1.0,
-            dfl_weight=0.25,
-            giou_weight=2.0,
-            loss_group_size=2,
-            test_score_thr=0.05,
-            test_nms_pre=1000,
-            test_nms_iou=0.6,
-            test_max_per_img=100,
-            dtype="float32",
-            init="",
-            init_skip=(),
-        )
-    )
-
-
-def fcos(depth=50):
-    """mmdetection fcos_r{depth}_caffe_fpn_gn-head: caffe ResNet (BN frozen), FPN with ReLU
-    before P7, GN head; focal + IoU + centerness; no tricks (norm_on_bbox etc. off)."""
-    return ml_collections.ConfigDict(
-        dict(
-            family="fcos",
-            depth=depth,
-            style="caffe",
-            frozen_stages=1,
-            norm_trainable=False,  # caffe backbones: BN fully frozen (requires_grad=False)
-            norm_eval=True,
-            width=1.0,
-            neck_channels=256,
-            stacked_convs=4,
-            norm_on_bbox=False,
-            centerness_on_reg=False,
-            center_sampling=False,
-            center_sample_radius=1.5,
-            focal_alpha=0.25,
-            focal_gamma=2.0,
-            loss_group_size=2,
-            test_score_thr=0.05,
-            test_nms_pre=1000,
-            test_nms_iou=0.5,
-            test_max_per_img=100,
-            dtype="float32",
-            init="",
-            init_skip=(),
-        )
-    )
 
 
 def landscape_and_portrait(*canvases):

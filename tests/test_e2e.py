@@ -126,3 +126,24 @@ def test_misspelt_config_key_is_a_one_line_error(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "lrr" in lines[0] and '"lr"' in lines[0]
     assert not (tmp_path / "config.json").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_benchmark_prints_its_table():
+    cmd = [
+        sys.executable,
+        "scripts/benchmark.py",
+        "--config=configs/frs_retinanet.py:runlocal",
+        "--steps=1",
+        "--peak_tflops=1",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = dict(
+        line.split(None, 1) if "  " not in line else [p.strip() for p in line.split("  ", 1)]
+        for line in out.stdout.splitlines()
+    )
+    assert float(table["step time"].split()[0]) > 0
+    assert float(table["XLA FLOPs/step"].split()[0]) > 0
+    assert table["canvas (H x W)"] == "128 x 128"
+    assert "utilisation" in table

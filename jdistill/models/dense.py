@@ -118,6 +118,22 @@ class DenseDetector:
         )
         return valid & batch["image_valid"][:, None]
 
+    @staticmethod
+    def match(assigned, batch):
+        """Gathers each prior's assigned ground truth.
+
+        Args:
+          assigned: [B, A] int (0 negative, i + 1 for gt i, -1 ignored).
+          batch: `boxes` [B, G, 4], `labels` [B, G].
+        Returns:
+          pos [B, A] bool, boxes [B, A, 4] and labels [B, A] of the matched gts (gt 0's where
+          not positive: mask with `pos`).
+        """
+        gt_idx = jnp.maximum(assigned - 1, 0)
+        boxes = jnp.take_along_axis(batch["boxes"], gt_idx[..., None], axis=1)
+        labels = jnp.take_along_axis(batch["labels"], gt_idx, axis=1)
+        return assigned > 0, boxes, labels
+
     def flat(self, outputs, name, channels):
         """Concatenates a per-level output over levels: [B, A_total, channels]."""
         b = outputs[name][0].shape[0]

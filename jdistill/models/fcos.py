@@ -40,24 +40,13 @@ class FCOSHead(nn.Module):
         bbox_pred is exp(scale * reg) in pixels, or relu(scale * reg) in stride units with
         norm_on_bbox (the caller multiplies by the stride at test time, as the reference).
         """
-        c = r = x
-        for i in range(self.stacked_convs):
-            c = layers.Conv(
-                self.feat_channels,
-                3,
-                kernel_init=layers.normal_001,
-                norm="gn",
-                dtype=self.dtype,
-                name=f"cls_convs_{i}",
-            )(c)
-            r = layers.Conv(
-                self.feat_channels,
-                3,
-                kernel_init=layers.normal_001,
-                norm="gn",
-                dtype=self.dtype,
-                name=f"reg_convs_{i}",
-            )(r)
+        c, r = layers.conv_towers(
+            x,
+            num_convs=self.stacked_convs,
+            features=self.feat_channels,
+            norm="gn",
+            dtype=self.dtype,
+        )
         cls = layers.Conv(
             self.num_classes,
             3,
@@ -191,9 +180,8 @@ class FCOS(dense.DenseDetector):
                 radius=cfg.center_sample_radius,
             )
         )(batch["boxes"], gt_valid)
-        pos = (assigned > 0) & valid
-        gt_idx = jnp.maximum(assigned - 1, 0)
-        labels = jnp.take_along_axis(batch["labels"], gt_idx, axis=1)
+        pos, _, labels = self.match(assigned, batch)
+        pos = pos & valid
         onehot = jax.nn.one_hot(labels, self.num_classes) * pos[..., None]
 
         cls = self.flat(outputs, "cls_logits", self.num_classes)

@@ -34,24 +34,13 @@ class GFLHead(nn.Module):
     @nn.compact
     def __call__(self, x, level):
         """x: [N, H, W, C] -> {cls_logits [N, H, W, K], bbox_dist [N, H, W, 4*(reg_max+1)]}."""
-        c = r = x
-        for i in range(self.stacked_convs):
-            c = layers.Conv(
-                self.feat_channels,
-                3,
-                kernel_init=layers.normal_001,
-                norm="gn",
-                dtype=self.dtype,
-                name=f"cls_convs_{i}",
-            )(c)
-            r = layers.Conv(
-                self.feat_channels,
-                3,
-                kernel_init=layers.normal_001,
-                norm="gn",
-                dtype=self.dtype,
-                name=f"reg_convs_{i}",
-            )(r)
+        c, r = layers.conv_towers(
+            x,
+            num_convs=self.stacked_convs,
+            features=self.feat_channels,
+            norm="gn",
+            dtype=self.dtype,
+        )
         cls = layers.Conv(
             self.num_classes,
             3,
@@ -123,10 +112,8 @@ class GFL(dense.DenseDetector):
         assigned, _ = jax.vmap(
             lambda v, g, gv: assign_ops.atss_assign(anchors, v, sizes, g, gv, topk=cfg.atss_topk)
         )(valid, batch["boxes"], gt_valid)
-        pos = assigned > 0
-        gt_idx = jnp.maximum(assigned - 1, 0)
-        matched = jnp.take_along_axis(batch["boxes"], gt_idx[..., None], axis=1)
-        labels = jnp.where(pos, jnp.take_along_axis(batch["labels"], gt_idx, axis=1), -1)
+        pos, matched, labels = self.match(assigned, batch)
+        labels = jnp.where(pos, labels, -1)
 
         cls = self.flat(outputs, "cls_logits", self.num_classes)  # [B, A, K]
         dist_logits = self.flat(outputs, "bbox_dist", 4 * (self.reg_max + 1))

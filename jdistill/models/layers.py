@@ -98,3 +98,30 @@ def nearest_resize(x, out_hw):
     iy = (jnp.arange(oh) * h) // oh
     ix = (jnp.arange(ow) * w) // ow
     return x[:, iy][:, :, ix]
+
+
+def conv_towers(x, *, num_convs, features, norm, dtype):
+    """The cls and reg towers of a dense head: `num_convs` 3x3 convs each, ReLU after each.
+
+    Called inside a head's compact `__call__`, so the convs are the head's children
+    `cls_convs_{i}` / `reg_convs_{i}` (mmdetection's names). norm: None (conv bias, RetinaNet)
+    or 'gn' (ConvModule with GroupNorm, GFL and FCOS).
+    x: [N, H, W, C] -> (cls features, reg features), each [N, H, W, features].
+    """
+    c = r = x
+    for i in range(num_convs):
+        convs = []
+        for tower in ("cls", "reg"):
+            conv = Conv(
+                features,
+                3,
+                kernel_init=normal_001,
+                norm=norm,
+                dtype=dtype,
+                name=f"{tower}_convs_{i}",
+            )
+            convs.append(conv)
+        c, r = convs[0](c), convs[1](r)
+        if norm is None:  # with a norm, Conv is a ConvModule and already ends in ReLU
+            c, r = nn.relu(c), nn.relu(r)
+    return c, r

@@ -37,10 +37,13 @@ class RetinaHead(nn.Module):
         conv = lambda f, name, **kw: layers.Conv(  # noqa: E731
             f, 3, kernel_init=layers.normal_001, dtype=self.dtype, name=name, **kw
         )
-        c = r = x
-        for i in range(self.stacked_convs):
-            c = nn.relu(conv(self.feat_channels, f"cls_convs_{i}")(c))
-            r = nn.relu(conv(self.feat_channels, f"reg_convs_{i}")(r))
+        c, r = layers.conv_towers(
+            x,
+            num_convs=self.stacked_convs,
+            features=self.feat_channels,
+            norm=None,
+            dtype=self.dtype,
+        )
         cls = conv(
             self.num_anchors * self.num_classes,
             "retina_cls",
@@ -109,10 +112,7 @@ class RetinaNet(dense.DenseDetector):
             )[0]
         )
         assigned = assign(valid, batch["boxes"], gt_valid)  # [B, A]
-        pos = assigned > 0
-        gt_idx = jnp.maximum(assigned - 1, 0)
-        matched_boxes = jnp.take_along_axis(batch["boxes"], gt_idx[..., None], axis=1)
-        matched_labels = jnp.take_along_axis(batch["labels"], gt_idx, axis=1)
+        pos, matched_boxes, matched_labels = self.match(assigned, batch)
         onehot = jax.nn.one_hot(matched_labels, self.num_classes) * pos[..., None]
         label_w = (assigned >= 0).astype(jnp.float32)
 
