@@ -91,7 +91,7 @@ def main(argv):
     step_s = (time.perf_counter() - t0) / _STEPS.value
     n_dev = jax.device_count()
     rows = [
-        ("config", f"{flags.FLAGS['config'].value}"),
+        ("config", config_flags.get_config_filename(flags.FLAGS["config"])),
         ("devices", f"{n_dev} x {jax.devices()[0].device_kind}"),
         ("canvas (H x W)", f"{canvas[0]} x {canvas[1]}"),
         ("global batch", f"{batch_size}"),

@@ -41,3 +41,29 @@ def cli_env(**extra):
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def crafted_batch(per_image, num_classes, seed=0, canvas=(64, 96)):
+    """A training batch from per-image box lists (padded to the longest; random labels).
+
+    Returns (batch dict of jnp arrays, boxes [B, G, 4] np, labels [B, G] np, valid [B, G] np).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    b, g = len(per_image), max(len(x) for x in per_image)
+    boxes = np.zeros((b, g, 4), np.float32)
+    valid = np.zeros((b, g), bool)
+    labels = np.random.default_rng(seed).integers(0, num_classes, (b, g)).astype(np.int32)
+    for i, bx in enumerate(per_image):
+        if bx:
+            boxes[i, : len(bx)] = bx
+            valid[i, : len(bx)] = True
+    batch = {
+        "boxes": jnp.asarray(boxes),
+        "labels": jnp.asarray(labels),
+        "box_valid": jnp.asarray(valid),
+        "pad_shape": jnp.tile(jnp.array(canvas), (b, 1)),
+        "image_valid": jnp.ones(b, bool),
+    }
+    return batch, boxes, labels, valid

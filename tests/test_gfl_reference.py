@@ -3,6 +3,7 @@ GPU of 2 images, reduce_mean'd normalisers, gradients averaged over GPUs)."""
 
 import jax.numpy as jnp
 import numpy as np
+from conftest import crafted_batch
 from test_atss import np_atss
 
 from jdistill import config_lib
@@ -105,20 +106,7 @@ def test_gfl_loss_matches_mmdetection_transcription():
         [],
         [[0, 0, 96, 64], [30, 20, 70, 50]],
     ]
-    boxes = np.zeros((b, 2, 4), np.float32)
-    valid = np.zeros((b, 2), bool)
-    labels = rng.integers(0, K, (b, 2)).astype(np.int32)
-    for i, bx in enumerate(per_image):
-        if bx:
-            boxes[i, : len(bx)] = bx
-            valid[i, : len(bx)] = True
-    batch = {
-        "boxes": jnp.asarray(boxes),
-        "labels": jnp.asarray(labels),
-        "box_valid": jnp.asarray(valid),
-        "pad_shape": jnp.tile(jnp.array([64, 96]), (b, 1)),
-        "image_valid": jnp.ones(b, bool),
-    }
+    batch, boxes, labels, valid = crafted_batch(per_image, K)
     outputs = {
         "cls_logits": [jnp.asarray(x) for x in cls],
         "bbox_dist": [jnp.asarray(x) for x in reg],

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import crafted_batch
 
 from jdistill import config_lib
 from jdistill.models import detector as detector_lib
@@ -98,7 +99,7 @@ def test_loss_matches_mmdetection_transcription(retina):
     canvas = (64, 96)
     levels = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
     rng = np.random.default_rng(0)
-    b, g, k, a = 4, 3, 3, 9
+    b, k, a = 4, 3, 9
     outputs = {
         "cls_logits": [
             jnp.asarray(rng.normal(size=(b, h, w, a * k)), jnp.float32) for h, w in levels
@@ -107,26 +108,13 @@ def test_loss_matches_mmdetection_transcription(retina):
             jnp.asarray(rng.normal(size=(b, h, w, a * 4)), jnp.float32) for h, w in levels
         ],
     }
-    boxes = np.zeros((b, g, 4), np.float32)
-    valid = np.zeros((b, g), bool)
-    labels = rng.integers(0, k, (b, g)).astype(np.int32)
     per_image = [
         [[4, 6, 40, 30], [50, 10, 90, 60]],
         [[10, 10, 20, 22]],  # small: only low-quality matches
         [],  # no ground truth at all
         [[0, 0, 96, 64], [30, 20, 70, 50], [31, 21, 69, 49]],
     ]
-    for i, bx in enumerate(per_image):
-        if bx:
-            boxes[i, : len(bx)] = bx
-        valid[i, : len(bx)] = True
-    batch = {
-        "boxes": jnp.asarray(boxes),
-        "labels": jnp.asarray(labels),
-        "box_valid": jnp.asarray(valid),
-        "pad_shape": jnp.tile(jnp.array([64, 96]), (b, 1)),
-        "image_valid": jnp.ones(b, bool),
-    }
+    batch, boxes, labels, valid = crafted_batch(per_image, k)
     _, m = retina.loss(outputs, batch)
     anchors = np_anchors(canvas, (8, 16, 32, 64, 128))
     flat_c = [
