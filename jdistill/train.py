@@ -205,14 +205,31 @@ def init_variables(detector, canvas, seed):
 
 
 def load_teacher(config, detector, split, canvas):
-    """Teacher variables from `teacher.init`, checked strictly; random only under runlocal."""
+    """Teacher variables from `teacher.init`, checked strictly; random only under runlocal.
+
+    `teacher.init` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one
+    step) or an mmdetection `.pth` / `.safetensors`, converted on load.
+    """
     expected = jax.eval_shape(
         detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
     )
     path = config.teacher.get("init")
     if not path:
         return init_variables(detector, canvas, config.seed + 1)
-    loaded, meta = checkpoint.load_model_variables(path)
+    if path.endswith((".pth", ".safetensors")):
+        from jdistill.convert import mmdet  # noqa: PLC0415 (needs the [convert] extra)
+
+        sd, pth_meta = mmdet.read_checkpoint(path)
+        loaded = mmdet.to_flax(
+            sd,
+            expected,
+            family=config.teacher.model.family,
+            skip=tuple(config.teacher.get("init_skip", ())),
+            what=path,
+        )
+        meta = {"class_names": pth_meta.get("CLASSES")} if pth_meta.get("CLASSES") else {}
+    else:
+        loaded, meta = checkpoint.load_model_variables(path)
     if meta and meta.get("class_names") and tuple(meta["class_names"]) != split.class_names:
         raise ValueError(
             f"teacher {path} was trained on classes {meta['class_names']} but the data set has "

@@ -1,0 +1,287 @@
+"""mmdetection 2.x state_dicts <-> jdistill Flax variables (`specs/detectors.md` §9).
+
+One key table per module family, expressed as rewrite rules on the Flax path:
+
+  ResNet   backbone/layer1_0/conv1/conv/kernel  <-> backbone.layer1.0.conv1.weight
+           backbone/layer1_0/downsample_conv    <-> backbone.layer1.0.downsample.0
+           BN scale/bias + batch_stats mean/var <-> weight/bias/running_mean/running_var
+  FPN      neck/lateral_convs_0/conv/kernel     <-> neck.lateral_convs.0.conv.weight
+  heads    bbox_head/cls_convs_0/conv|gn        <-> bbox_head.cls_convs.0.conv|gn (ConvModule)
+           bbox_head/retina_cls/conv/kernel     <-> bbox_head.retina_cls.weight (plain Conv2d)
+           bbox_head/scales_2                   <-> bbox_head.scales.2.scale
+
+Layouts: conv kernels HWIO <-> OIHW, dense kernels (in, out) <-> (out, in). Buffers the Flax
+model does not hold (`num_batches_tracked`, GFL's `integral.project`) are checked on import and
+written on export. Loading is strict: every missing key, unexpected key and shape mismatch is
+listed in one error. Reading never unpickles arbitrary objects (`torch.load(weights_only=True)`).
+"""
+
+import collections
+import os
+import re
+
+import numpy as np
+
+from jdistill import checkpoint
+
+# Flax module names whose children are mmcv ConvModules (they keep the inner `.conv.`).
+CONV_MODULES = ("lateral_convs", "fpn_convs", "cls_convs", "reg_convs")
+CONV_MODULE_RE = re.compile(r"^({})_(\d+)$".format("|".join(CONV_MODULES)))
+NORM_NAMES = re.compile(r"^(bn\d*|downsample_bn|gn)$")
+# Legacy FCOS head names, renamed on load as mmdetection's anchor_free_head does.
+LEGACY_RENAMES = {
+    "bbox_head.fcos_cls.": "bbox_head.conv_cls.",
+    "bbox_head.fcos_reg.": "bbox_head.conv_reg.",
+    "bbox_head.fcos_centerness.": "bbox_head.conv_centerness.",
+}
+CLASSIFIERS = (
+    "bbox_head.retina_cls.weight",
+    "bbox_head.gfl_cls.weight",
+    "bbox_head.conv_cls.weight",
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message lists every problem."""
+
+
+def _module_name(part):
+    m = re.match(r"^(layer\d+)_(\d+)$", part)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    if part == "downsample_conv":
+        return "downsample.0"
+    if part == "downsample_bn":
+        return "downsample.1"
+    m = CONV_MODULE_RE.match(part)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    return part
+
+
+def torch_key(collection, path):
+    """The mmdetection key of one Flax leaf.
+
+    Args:
+      collection: 'params' or 'batch_stats'.
+      path: tuple of names, e.g. ('backbone', 'layer1_0', 'conv1', 'conv', 'kernel').
+    Returns:
+      the state_dict key, e.g. 'backbone.layer1.0.conv1.weight'.
+    """
+    *mods, leaf = path
+    m = re.match(r"^scales_(\d+)$", leaf)
+    if m:
+        return ".".join([*mods, "scales", m.group(1), "scale"])
+    names = []
+    for i, part in enumerate(mods):
+        if part == "conv" and i > 0:
+            parent = mods[i - 1]
+            if not any(parent.startswith(c + "_") for c in CONV_MODULES):
+                continue  # layers.Conv's inner conv: a plain Conv2d in torch
+        names.append(_module_name(part))
+    is_norm = bool(mods) and NORM_NAMES.match(mods[-1])
+    if collection == "batch_stats":
+        leaf_name = {"mean": "running_mean", "var": "running_var"}[leaf]
+    elif leaf == "kernel":
+        leaf_name = "weight"
+    elif leaf == "scale" and is_norm:
+        leaf_name = "weight"
+    else:
+        leaf_name = leaf
+    return ".".join([*names, leaf_name])
+
+
+def _to_torch_layout(x, leaf):
+    x = np.asarray(x)
+    if leaf == "kernel" and x.ndim == 4:
+        return x.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if leaf == "kernel" and x.ndim == 2:
+        return x.T  # (in, out) -> (out, in)
+    return x
+
+
+def _to_flax_layout(x, leaf):
+    x = np.asarray(x)
+    if leaf == "kernel" and x.ndim == 4:
+        return x.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if leaf == "kernel" and x.ndim == 2:
+        return x.T
+    return x
+
+
+def _leaves(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, (*prefix, str(k)))
+    else:
+        yield prefix, tree
+
+
+def key_table(variables):
+    """{torch key: (collection, flax path)} for every leaf of {'params', 'batch_stats'}."""
+    table = {}
+    for coll in ("params", "batch_stats"):
+        for path, _ in _leaves(variables.get(coll, {})):
+            table[torch_key(coll, path)] = (coll, path)
+    return table
+
+
+def _buffers(variables, family):
+    """Torch-only buffers of a model: BN `num_batches_tracked`, GFL's `integral.project`."""
+    out = {}
+    for path, _ in _leaves(variables.get("batch_stats", {})):
+        if path[-1] == "mean":
+            out[torch_key("batch_stats", path).replace("running_mean", "num_batches_tracked")] = (
+                np.array(0, np.int64)
+            )
+    if family == "gfl":
+        reg = next(v for p, v in _leaves(variables["params"]) if "gfl_reg" in p and p[-1] == "bias")
+        reg_max = np.shape(reg)[0] // 4 - 1
+        out["bbox_head.integral.project"] = np.linspace(0, reg_max, reg_max + 1, dtype=np.float32)
+    return out
+
+
+def to_mmdet(variables, family):
+    """Flax {'params', 'batch_stats'} -> an mmdetection state_dict (OrderedDict of numpy)."""
+    sd = collections.OrderedDict()
+    for coll in ("params", "batch_stats"):
+        for path, x in _leaves(variables.get(coll, {})):
+            sd[torch_key(coll, path)] = _to_torch_layout(x, path[-1])
+    sd.update(_buffers(variables, family))
+    return sd
+
+
+def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
+    """An mmdetection state_dict -> Flax variables shaped like `expected`, strictly.
+
+    Args:
+      state_dict: {key: array} (numpy or torch tensors), optionally with a `module.` prefix.
+      expected: the model's {'params', 'batch_stats'} (arrays or ShapeDtypeStructs).
+      family: 'retinanet', 'gfl' or 'fcos' (which buffers to expect).
+      skip: regexes of torch keys that may be missing, extra or mis-shaped (those keep the
+        value in `expected`).
+      what: names the source in errors.
+    Returns:
+      {'params', 'batch_stats'} of numpy arrays.
+    Raises:
+      ConversionError listing every missing key, unexpected key and shape mismatch, or
+      saying that the class count differs.
+    """
+    sd = {}
+    for k, v in state_dict.items():
+        k = k[len("module.") :] if k.startswith("module.") else k
+        for old, new in LEGACY_RENAMES.items():
+            if k.startswith(old):
+                k = new + k[len(old) :]
+        sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+    table = key_table(expected)
+    buffers = _buffers(expected, family)
+    skipped = lambda k: any(re.search(r, k) for r in skip)  # noqa: E731
+    for key in CLASSIFIERS:
+        if key in sd and key in table and not skipped(key):
+            coll, path = table[key]
+            want = _leaf(expected, coll, path).shape[-1]
+            got = sd[key].shape[0]
+            if got != want:
+                raise ConversionError(
+                    f"{what}: {key} has {got} outputs but the model wants {want}: the checkpoint "
+                    f"was trained for a different number of classes than this data set has"
+                )
+    missing = sorted(k for k in table if k not in sd and not skipped(k))
+    missing += sorted(k for k in buffers if k not in sd and not skipped(k))
+    unexpected = sorted(k for k in sd if k not in table and k not in buffers and not skipped(k))
+    shapes = []
+    out = {"params": {}, "batch_stats": {}}
+    for key, (coll, path) in table.items():
+        ref = _leaf(expected, coll, path)
+        if key in sd and not skipped(key):
+            x = _to_flax_layout(sd[key], path[-1])
+            if tuple(x.shape) != tuple(ref.shape):
+                want = _to_torch_layout(np.zeros(ref.shape), path[-1]).shape
+                shapes.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {tuple(want)}")
+                continue
+            value = x.astype(ref.dtype)
+        else:
+            value = np.asarray(ref) if hasattr(ref, "__array__") else np.zeros(ref.shape, ref.dtype)
+        _set(out[coll], path, value)
+    if "bbox_head.integral.project" in sd and "bbox_head.integral.project" in buffers:
+        if not np.allclose(sd["bbox_head.integral.project"], buffers["bbox_head.integral.project"]):
+            shapes.append("bbox_head.integral.project: not linspace(0, reg_max, reg_max + 1)")
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not match the model:"]
+        lines += [f"  missing key: {k}" for k in missing]
+        lines += [f"  unexpected key: {k}" for k in unexpected]
+        lines += [f"  shape mismatch: {s}" for s in shapes]
+        raise ConversionError("\n".join(lines))
+    return out
+
+
+def _leaf(tree, coll, path):
+    node = tree[coll]
+    for p in path:
+        node = node[p]
+    return node
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def read_checkpoint(path):
+    """Reads a `.pth` (safely: `weights_only=True`) or `.safetensors` file.
+
+    Returns (state_dict {key: numpy}, meta dict). A pickle that needs arbitrary code to load is
+    refused by torch's restricted unpickler and reported as a ConversionError.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file  # noqa: PLC0415 (optional dependency)
+
+        return dict(load_file(path)), {}
+    import torch  # noqa: PLC0415 (the `convert` extra)
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError for anything but tensors and containers
+        raise ConversionError(
+            f"refusing to load {path}: it is not a plain weights file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}). Checkpoints are read with torch.load(weights_only=True), "
+            f"which never runs code from the file."
+        ) from e
+    meta = {}
+    if isinstance(obj, dict) and "state_dict" in obj:
+        meta = obj.get("meta") or {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, meta
+
+
+def write_pth(path, state_dict, meta):
+    """Writes {'meta': meta, 'state_dict': tensors} as mmdetection saves checkpoints."""
+    import torch  # noqa: PLC0415
+
+    sd = collections.OrderedDict(
+        (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items()
+    )
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"meta": meta, "state_dict": sd}, tmp)
+    os.replace(tmp, path)
+
+
+def write_orbax(directory, variables, meta):
+    """Writes converted variables as a step-0 jdistill checkpoint that `teacher.init` loads."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    mgr = checkpoint.manager(directory, keep=1)
+    state = {
+        "params": {"student": variables["params"]},
+        "batch_stats": variables["batch_stats"],
+        "step": jnp.int32(0),
+    }
+    checkpoint.save(mgr, 0, state, {}, meta, force=True)
+    mgr.wait_until_finished()
+    mgr.close()

@@ -1,0 +1,40 @@
+"""Converts an mmdetection checkpoint into a jdistill orbax checkpoint for `teacher.init`.
+
+  python scripts/convert_mmdet_checkpoint.py --config=configs/gfl_r101_mstrain_2x_coco.py \
+      --src=gfl_r101_fpn_mstrain_2x_coco_20200629_200126-dd12f847.pth --out=/ckpt/gfl_r101_orbax
+
+The config's `model` block defines the architecture (use the teacher's own config, or pass
+`--teacher` to convert the `teacher` block of a distillation config). Class names come from the
+checkpoint's meta (`CLASSES`), or from `--config.data` if it has none. Strict: every missing,
+unexpected or mis-shaped key is listed in one error; `--skip` regexes relax named keys.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jdistill.convert import mmdet, tools
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "jdistill config.", lock_config=True)
+_SRC = flags.DEFINE_string("src", None, "mmdetection .pth or .safetensors file.")
+_OUT = flags.DEFINE_string("out", None, "Output orbax checkpoint directory.")
+_TEACHER = flags.DEFINE_bool("teacher", False, "Convert the config's teacher model block.")
+_SKIP = flags.DEFINE_multi_string("skip", [], "Regexes of torch keys that may differ.")
+flags.mark_flags_as_required(["config", "src", "out"])
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    model_cfg = config.teacher.model if _TEACHER.value else config.model
+    try:
+        tools.convert(model_cfg, _SRC.value, _OUT.value, tuple(_SKIP.value))
+    except (mmdet.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
