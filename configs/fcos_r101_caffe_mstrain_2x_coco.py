@@ -4,7 +4,7 @@
 Command:
   python -m jdistill.main --config=configs/fcos_r101_caffe_mstrain_2x_coco.py \
       --workdir=/tmp/fcos_r101 --config.data.root=/data/coco \
-      --config.model.init=/ckpt/resnet101_caffe_orbax
+      --config.init=/ckpt/resnet101_caffe-3ad79236.pth
 Expected: 40.8 box AP (model zoo).
 Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
 """

@@ -5,7 +5,7 @@ bias lr x2 without decay, gradient clip 35, constant warm-up 1/3 over 500 steps.
 `:mstrain` switches to the FRS student, fcos_r50_caffe_fpn_gn-head_mstrain_640-800_2x_coco.
 Command:
   python -m jdistill.main --config=configs/fcos_r50_caffe_coco.py --workdir=/tmp/fcos_r50 \
-      --config.data.root=/data/coco --config.model.init=/ckpt/resnet50_caffe_orbax
+      --config.data.root=/data/coco --config.init=/ckpt/resnet50_caffe-788b5fa3.pth
 Expected: 36.6 box AP (1x), 38.5 (mstrain 2x), the model-zoo numbers.
 Hardware: 8 GPUs x 2 images (global batch 16).
 """

@@ -6,7 +6,7 @@ classification weight 0.05 on the class logits only (centerness unused), warm-up
 Command:
   python -m jdistill.main --config=configs/frs_fcos.py --workdir=/tmp/frs_fcos \
       --config.data.root=/data/coco --config.teacher.init=/ckpt/fcos_r101_orbax \
-      --config.model.init=/ckpt/resnet50_caffe_orbax
+      --config.init=/ckpt/resnet50_caffe-788b5fa3.pth
 Expected: student 38.5 -> 40.9 box AP (AP50 60.3, AP75 43.6, APs 25.7, APm 45.2, APl 51.2).
 Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
 """

@@ -6,7 +6,7 @@ class-quality logits, linear warm-up 500 steps, per-level 3x3 adapters.
 Command:
   python -m jdistill.main --config=configs/frs_gfl.py --workdir=/tmp/frs_gfl \
       --config.data.root=/data/coco --config.teacher.init=/ckpt/gfl_r101_orbax \
-      --config.model.init=/ckpt/resnet50_torchvision_orbax
+      --config.init=/ckpt/resnet50-0676ba61.pth
 Expected: student 40.2 -> 43.6 box AP (AP50 61.9, AP75 47.5, APs 25.9, APm 47.7, APl 56.4).
 Hardware: 8 GPUs x 2 images (global batch 16), 12 epochs.
 """

@@ -6,7 +6,7 @@ per-level 3x3 adapters.
 Command:
   python -m jdistill.main --config=configs/frs_retinanet.py --workdir=/tmp/frs_retina \
       --config.data.root=/data/coco --config.teacher.init=/ckpt/retinanet_r101_orbax \
-      --config.model.init=/ckpt/resnet50_torchvision_orbax
+      --config.init=/ckpt/resnet50-0676ba61.pth
 Expected: student 37.4 -> 39.7 box AP (AP50 58.6, AP75 42.4, APs 21.8, APm 43.5, APl 52.4).
 Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
 `:runlocal` uses a tiny random teacher (with a warning) on synthetic data.

@@ -4,7 +4,7 @@ The FRS GFL teacher. Training short side uniform in [480, 800] (long 1333), one 
 on four canvas sizes per orientation; test at (1333, 800).
 Command:
   python -m jdistill.main --config=configs/gfl_r101_mstrain_2x_coco.py --workdir=/tmp/gfl_r101 \
-      --config.data.root=/data/coco --config.model.init=/ckpt/resnet101_torchvision_orbax
+      --config.data.root=/data/coco --config.init=/ckpt/resnet101-63fe2227.pth
 Expected: 44.7 box AP (model zoo; the FRS paper quotes 44.9).
 Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
 """

@@ -2,7 +2,7 @@
 
 Command:
   python -m jdistill.main --config=configs/gfl_r50_coco.py --workdir=/tmp/gfl_r50 \
-      --config.data.root=/data/coco --config.model.init=/ckpt/resnet50_torchvision_orbax
+      --config.data.root=/data/coco --config.init=/ckpt/resnet50-0676ba61.pth
 Expected: 40.2 box AP (mmdetection model zoo).
 Hardware: 8 GPUs x 2 images (global batch 16), 12 epochs (~90k steps).
 """

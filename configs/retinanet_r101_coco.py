@@ -3,7 +3,7 @@
 This is the FRS RetinaNet teacher.
 Command:
   python -m jdistill.main --config=configs/retinanet_r101_coco.py --workdir=/tmp/retina_r101 \
-      --config.data.root=/data/coco --config.model.init=/ckpt/resnet101_torchvision_orbax
+      --config.data.root=/data/coco --config.init=/ckpt/resnet101-63fe2227.pth
 Expected: 38.5 box AP (1x), 38.9 (2x), the mmdetection model-zoo numbers.
 Hardware: 8 GPUs x 2 images (global batch 16).
 """

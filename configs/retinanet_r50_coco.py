@@ -2,7 +2,7 @@
 
 Command (COCO in its usual layout under /data/coco):
   python -m jdistill.main --config=configs/retinanet_r50_coco.py --workdir=/tmp/retina_r50 \
-      --config.data.root=/data/coco --config.model.init=/ckpt/resnet50_torchvision_orbax
+      --config.data.root=/data/coco --config.init=/ckpt/resnet50-0676ba61.pth
 Expected: 36.5 box AP (1x), 37.4 (2x), the mmdetection model-zoo numbers.
 Hardware: 8 GPUs x 2 images (global batch 16), ~90k steps for 1x.
 `:runlocal` trains a tiny network a few steps on synthetic data (CI).

@@ -46,8 +46,6 @@ def _dense_model(family, depth, **family_fields):
         test_nms_iou=0.5,
         test_max_per_img=100,
         dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
-        init="",  # a checkpoint for the student before training (e.g. a converted backbone)
-        init_skip=(),  # regexes of param paths left at their initial values when loading
     )
     fields.update(family_fields)
     return ml_collections.ConfigDict(fields)
@@ -165,7 +163,11 @@ def base(model, data, lr):
             eval_batch_size=8,
             optimizer=sgd(lr),
             schedule=step_schedule(),
+            # The student's start when the workdir has no checkpoint: an ImageNet backbone .pth
+            # (torchvision or detectron caffe), an mmdetection detector .pth, or a jdistill
+            # checkpoint. init_skip: regexes of keys left at their fresh values.
             init="",
+            init_skip=(),
             log_every=50,
             checkpoint_every=2000,
             keep_checkpoints=3,
@@ -187,7 +189,6 @@ def shrink_for_runlocal(config, steps=4):
         m.stacked_convs = 1
         m.test_nms_pre = 100
         m.test_max_per_img = 20
-        m.init = ""
     config.runlocal = True
     if config.data.builder == "coco_folder" and not config.data.root:
         config.data.builder = "synthetic_shapes"

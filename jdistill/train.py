@@ -216,30 +216,39 @@ def load_teacher(config, detector, split, canvas):
     path = config.teacher.get("init")
     if not path:
         return init_variables(detector, canvas, config.seed + 1)
+    merged, class_names = load_variables(
+        path, expected, config.teacher.model, config.teacher.get("init_skip", ()), "teacher"
+    )
+    if class_names and tuple(class_names) != split.class_names:
+        raise ValueError(
+            f"teacher {path} was trained on classes {list(class_names)} but the data set has "
+            f"{list(split.class_names)}; refusing to distil from a mismatched teacher"
+        )
+    logging.info("teacher loaded from %s", path)
+    return jax.tree_util.tree_map(jnp.asarray, merged)
+
+
+def load_variables(path, expected, model_cfg, skip, what):
+    """{'params', 'batch_stats'} for a model from `path`, strictly.
+
+    `path` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one step) or an
+    mmdetection `.pth` / `.safetensors` (a whole detector, or an ImageNet backbone), converted
+    on load. Returns (variables, the class names the checkpoint was trained on, or None).
+    """
     if path.endswith((".pth", ".safetensors")):
         from jdistill.convert import mmdet  # noqa: PLC0415 (needs the [convert] extra)
 
-        sd, pth_meta = mmdet.read_checkpoint(path)
-        loaded = mmdet.to_flax(
-            sd,
+        return mmdet.load_variables(
+            path,
             expected,
-            family=config.teacher.model.family,
-            skip=tuple(config.teacher.get("init_skip", ())),
-            what=path,
+            family=model_cfg.family,
+            skip=tuple(skip),
+            what=what,
+            backbone_ok=what != "teacher",
         )
-        meta = {"class_names": pth_meta.get("CLASSES")} if pth_meta.get("CLASSES") else {}
-    else:
-        loaded, meta = checkpoint.load_model_variables(path)
-    if meta and meta.get("class_names") and tuple(meta["class_names"]) != split.class_names:
-        raise ValueError(
-            f"teacher {path} was trained on classes {meta['class_names']} but the data set has "
-            f"{list(split.class_names)}; refusing to distil from a mismatched teacher"
-        )
-    merged = checkpoint.check_and_merge(
-        loaded, expected, skip=tuple(config.teacher.get("init_skip", ())), what=f"teacher {path}"
-    )
-    logging.info("teacher loaded from %s", path)
-    return jax.tree_util.tree_map(jnp.asarray, merged)
+    loaded, meta = checkpoint.load_model_variables(path)
+    merged = checkpoint.check_and_merge(loaded, expected, skip=tuple(skip), what=f"{what} {path}")
+    return merged, (meta or {}).get("class_names")
 
 
 # ============================================================================ state
@@ -261,14 +270,11 @@ def init_state(config, student, teacher_neck, canvas, tx_builder):
                 kind=lcfg.adapter,
             )
     params = {"student": variables["params"], "adapters": adapters}
-    if config.get("init") or config.model.get("init"):
-        path = config.get("init") or config.model.init
-        loaded, _ = checkpoint.load_model_variables(path)
-        merged = checkpoint.check_and_merge(
-            loaded,
-            {"params": params["student"], "batch_stats": variables["batch_stats"]},
-            skip=tuple(config.model.get("init_skip", ())),
-            what=f"student init {path}",
+    path = config.get("init")
+    if path:
+        expected = {"params": params["student"], "batch_stats": variables["batch_stats"]}
+        merged, _ = load_variables(
+            path, expected, config.model, config.get("init_skip", ()), "student init"
         )
         params["student"] = merged["params"]
         variables = {"batch_stats": merged["batch_stats"]}

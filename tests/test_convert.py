@@ -212,3 +212,29 @@ def test_convert_script_and_pth_teacher_init(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(direct), variables)
     with pytest.raises(ValueError, match="mismatched teacher"):
         train.load_teacher(config, det, SimpleNamespace(class_names=("x", "y", "z")), (64, 96))
+
+
+def test_imagenet_backbone_initialises_the_student_backbone_only(tmp_path):
+    model, _ = torch_state("retina", 50, "pytorch")
+    backbone = {k: v.numpy() for k, v in model.backbone.state_dict().items()}
+    backbone["fc.weight"] = np.zeros((1000, 256), np.float32)  # torchvision's classifier
+    backbone["fc.bias"] = np.zeros((1000,), np.float32)
+    src = str(tmp_path / "resnet50.pth")
+    mmdet.write_pth(src, backbone, {})
+    det = build("retinanet", 50, "pytorch")
+    fresh = jax.device_get(det.module.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3))))
+    out, _ = mmdet.load_variables(src, fresh, family="retinanet")
+    got = out["params"]["backbone"]["layer2_0"]["conv2"]["conv"]["kernel"]
+    want = backbone["layer2.0.conv2.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        out["params"]["bbox_head"]["retina_cls"]["conv"]["kernel"],
+        fresh["params"]["bbox_head"]["retina_cls"]["conv"]["kernel"],
+    )
+    with pytest.raises(mmdet.ConversionError, match="only an ImageNet backbone"):
+        mmdet.load_variables(src, fresh, family="retinanet", backbone_ok=False)
+    # a backbone key that does not fit is still an error
+    backbone["layer1.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    mmdet.write_pth(src, backbone, {})
+    with pytest.raises(mmdet.ConversionError, match="layer1.0.conv1.weight"):
+        mmdet.load_variables(src, fresh, family="retinanet")

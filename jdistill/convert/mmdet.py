@@ -285,3 +285,37 @@ def write_orbax(directory, variables, meta):
     checkpoint.save(mgr, 0, state, {}, meta, force=True)
     mgr.wait_until_finished()
     mgr.close()
+
+
+def is_backbone_only(state_dict):
+    """True for an ImageNet classifier checkpoint (torchvision / detectron caffe ResNet):
+    no `backbone.`, `neck.` or `bbox_head.` keys."""
+    return not any(k.split(".", 1)[0] in ("backbone", "neck", "bbox_head") for k in state_dict)
+
+
+def pretrained_backbone(state_dict):
+    """An ImageNet ResNet state_dict as a detector's: `backbone.` prefix, classifier `fc.*`
+    dropped (mmdetection loads backbones non-strictly, ignoring fc)."""
+    return {f"backbone.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}
+
+
+def load_variables(path, expected, *, family, skip=(), what="checkpoint", backbone_ok=True):
+    """Variables for `expected` from a `.pth`/`.safetensors` file, strictly.
+
+    A whole-detector checkpoint must match every key. An ImageNet backbone checkpoint fills the
+    backbone only (every backbone key must match); neck and head keep their values in
+    `expected`, as mmdetection's `init_cfg=Pretrained` for the backbone does.
+    `backbone_ok=False` (a teacher) refuses a backbone-only file.
+    Returns (variables, class names from the checkpoint's meta or None).
+    """
+    sd, meta = read_checkpoint(path)
+    if is_backbone_only(sd):
+        if not backbone_ok:
+            raise ConversionError(
+                f"{what}: {path} holds only an ImageNet backbone (no neck or head keys); a teacher "
+                f"must be a whole trained detector"
+            )
+        sd = pretrained_backbone(sd)
+        skip = (*skip, r"^neck\.", r"^bbox_head\.")
+    variables = to_flax(sd, expected, family=family, skip=skip, what=what)
+    return variables, meta.get("CLASSES")
