@@ -254,8 +254,12 @@ def load_variables(path, expected, model_cfg, skip, what):
 # ============================================================================ state
 
 
-def init_state(config, student, teacher_neck, canvas, tx_builder):
-    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step."""
+def init_state(config, student, teacher_neck, canvas, tx_builder, load_init=True):
+    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step.
+
+    With `load_init`, the student starts from `config.init` (when set); a resumed run passes
+    False, since its checkpoint replaces these values anyway.
+    """
     variables = init_variables(student, canvas, config.seed)
     rng = jax.random.PRNGKey(config.seed + 2)
     adapters = {}
@@ -270,7 +274,7 @@ def init_state(config, student, teacher_neck, canvas, tx_builder):
                 kind=lcfg.adapter,
             )
     params = {"student": variables["params"], "adapters": adapters}
-    path = config.get("init")
+    path = config.get("init") if load_init else None
     if path:
         expected = {"params": params["student"], "batch_stats": variables["batch_stats"]}
         merged, _ = load_variables(
@@ -511,17 +515,17 @@ def run(config, workdir, *, stop_at_step=None):
         config.optimizer, config.model, params, schedule
     )
     teacher_neck = config.teacher.model.neck_channels if teacher is not None else 0
-    state, tx = init_state(config, student, teacher_neck, canvas, tx_builder)
+    mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    latest = mgr.latest_step()
+    state, tx = init_state(config, student, teacher_neck, canvas, tx_builder, latest is None)
     state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     meta = {
         "class_names": list(train_split.class_names),
         "category_ids": list(train_split.category_ids),
         "model": config.model.to_dict(),
     }
     data_state = None
-    latest = mgr.latest_step()
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
@@ -581,6 +585,21 @@ def run(config, workdir, *, stop_at_step=None):
                 f"last good checkpoint: {good}"
             )
 
+    def evaluate_student(step):
+        m = evaluate(
+            predict_student,
+            _student_vars(state),
+            eval_split,
+            config,
+            mesh,
+            workdir,
+            "",
+            step,
+            cat_ids,
+        )
+        writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+        return m
+
     def save(step):
         nonlocal last_saved
         check_finite()
@@ -616,34 +635,12 @@ def run(config, workdir, *, stop_at_step=None):
             if done % config.checkpoint_every == 0 or done == end:
                 save(done)
             if config.eval_every and done % config.eval_every == 0 and done != total_steps:
-                m = evaluate(
-                    predict_student,
-                    _student_vars(state),
-                    eval_split,
-                    config,
-                    mesh,
-                    workdir,
-                    "",
-                    done,
-                    cat_ids,
-                )
-                writer.write(done, {f"eval/{k}": v for k, v in m.items()})
+                evaluate_student(done)
 
         if end == total_steps:
             if latest is not None and latest == total_steps:
                 logging.info("already trained to step %d; evaluating the final checkpoint", latest)
-            final = evaluate(
-                predict_student,
-                _student_vars(state),
-                eval_split,
-                config,
-                mesh,
-                workdir,
-                "",
-                total_steps,
-                cat_ids,
-            )
-            writer.write(total_steps, {f"eval/{k}": v for k, v in final.items()})
+            final = evaluate_student(total_steps)
     finally:
         # Let an in-flight async save finish even when the loop raises, so the last good
         # checkpoint named in the error really is on disk.

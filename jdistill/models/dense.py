@@ -119,6 +119,11 @@ class DenseDetector:
         return valid & batch["image_valid"][:, None]
 
     @staticmethod
+    def gt_valid(batch):
+        """[B, G] ground truth that counts: real boxes of real (not padding) examples."""
+        return batch["box_valid"] & batch["image_valid"][:, None]
+
+    @staticmethod
     def match(assigned, batch):
         """Gathers each prior's assigned ground truth.
 

@@ -168,7 +168,7 @@ class FCOS(dense.DenseDetector):
         ranges = per_point(self.regress_ranges)
         strides = per_point([[s] for s in self.strides])[:, 0]
         valid = self.valid_priors(outputs, batch)
-        gt_valid = batch["box_valid"] & batch["image_valid"][:, None]
+        gt_valid = self.gt_valid(batch)
         assigned, ltrb = jax.vmap(
             lambda g, gv: fcos_targets(
                 pts,

@@ -108,7 +108,7 @@ class GFL(dense.DenseDetector):
             )
         )
         valid = self.valid_priors(outputs, batch)
-        gt_valid = batch["box_valid"] & batch["image_valid"][:, None]
+        gt_valid = self.gt_valid(batch)
         assigned, _ = jax.vmap(
             lambda v, g, gv: assign_ops.atss_assign(anchors, v, sizes, g, gv, topk=cfg.atss_topk)
         )(valid, batch["boxes"], gt_valid)

@@ -99,7 +99,7 @@ class RetinaNet(dense.DenseDetector):
         cfg = self.cfg
         anchors = jnp.asarray(np.concatenate(self.priors(self.canvas_of(outputs))))
         valid = self.valid_priors(outputs, batch)
-        gt_valid = batch["box_valid"] & batch["image_valid"][:, None]
+        gt_valid = self.gt_valid(batch)
         assign = jax.vmap(
             lambda v, g, gv: assign_ops.max_iou_assign(
                 anchors,
