@@ -219,16 +219,34 @@ def test_multiscale_range_and_value_sampling():
 
 
 def test_multiscale_batches_take_the_smallest_canvas(shapes_train):
-    cfg = data_cfg(
-        scales=((160, 80), (160, 128)),
-        multiscale_mode="value",
-        canvases=((96, 160), (160, 96), (128, 160), (160, 128)),
-    )
+    from jdistill.data import transforms
+
+    canvases = ((96, 160), (160, 96), (128, 160), (160, 128))
+    cfg = data_cfg(scales=((160, 80), (160, 128)), multiscale_mode="value", canvases=canvases)
     s = pipeline.TrainSampler(shapes_train, cfg, 8, seed=0)
-    it = iter(pipeline.train_dataset(shapes_train, s, cfg, seed=0, num_steps=12))
-    shapes = set()
-    for _ in range(12):
+    it = iter(pipeline.train_dataset(shapes_train, s, cfg, seed=0, num_steps=16))
+    used_scales, shapes = set(), set()
+    for step in range(16):
         b = next(it)
-        shapes.add(b["image"].shape[1:3])
-        assert (b["img_shape"] <= np.array(b["image"].shape[1:3])).all()
-    assert len(shapes) > 2  # small-scale batches use the small canvases
+        _, idx = s.batch(step)
+        # every image of the batch was resized at one of the two scales, the same for all
+        fits = [
+            {
+                sc
+                for sc in cfg.scales
+                if tuple(b["img_shape"][j])
+                == transforms.rescale_size(
+                    int(shapes_train.heights[i]), int(shapes_train.widths[i]), sc
+                )[:2]
+            }
+            for j, i in enumerate(idx)
+        ]
+        common = set.intersection(*fits)
+        assert common, f"step {step}: images resized at different scales"
+        used_scales |= common
+        # and the batch sits on the smallest canvas that holds it
+        want = transforms.choose_canvas(*b["img_shape"].max(0), canvases)
+        assert b["image"].shape[1:3] == want
+        shapes.add(want)
+    assert used_scales == set(cfg.scales)
+    assert (96, 160) in shapes or (160, 96) in shapes  # small-scale batches use small canvases

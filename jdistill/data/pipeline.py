@@ -280,12 +280,29 @@ def train_dataset(split, sampler, data_cfg, *, seed, num_steps):
 
     def load(step):
         _, idx = sampler.batch(int(step))
-        local = host_slice(idx)
+        # Scales are drawn for the whole global batch first, from (seed, step) alone so every
+        # host agrees; then the batch takes the smallest canvas that holds all its images.
+        # mmdetection draws a scale per image; with one shape per global batch that makes
+        # nearly every batch need the largest canvas, so by default one scale is drawn per
+        # batch (data.scale_per='batch'): each image still sees the same scale distribution.
+        rng = np.random.default_rng([seed, int(step)])
+        if data_cfg.get("scale_per", "batch") == "batch":
+            scales = [sample_scale(data_cfg, rng)] * len(idx)
+        else:
+            scales = [sample_scale(data_cfg, rng) for _ in idx]
+        sizes = [
+            transforms.rescale_size(int(split.heights[i]), int(split.widths[i]), sc)[:2]
+            for i, sc in zip(idx, scales, strict=True)
+        ]
+        canvas = batch_canvas(sizes, data_cfg)
         exs = []
-        for j, i in enumerate(local):
-            rng = np.random.default_rng([seed, int(step), jax.process_index(), j])
+        for j, (i, sc) in enumerate(zip(host_slice(idx), host_slice(scales), strict=True)):
+            ex_rng = np.random.default_rng([seed, int(step), jax.process_index(), j])
+            ex = split.source[int(i)]
             exs.append(
-                process_example(split.source[int(i)], data_cfg=data_cfg, train=True, rng=rng)
+                process_example(
+                    ex, data_cfg=data_cfg, train=True, rng=ex_rng, scale=sc, canvas=canvas
+                )
             )
         batch = stack(exs)
         if batch["dropped_boxes"].any():
