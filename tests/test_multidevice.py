@@ -31,13 +31,14 @@ def test_eight_devices_give_the_same_loss_and_gradients(name):
 
 
 @pytest.mark.slow
-def test_cli_runs_on_eight_devices(tmp_path):
+@pytest.mark.parametrize("name", ["frs_retinanet", "frs_gfl", "frs_fcos"])
+def test_cli_runs_on_eight_devices(name, tmp_path):
     env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     cmd = [
         sys.executable,
         "-m",
         "jdistill.main",
-        "--config=configs/frs_retinanet.py:runlocal",
+        f"--config=configs/{name}.py:runlocal",
         f"--workdir={tmp_path}",
     ]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
