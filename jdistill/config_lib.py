@@ -102,6 +102,38 @@ def fcos(depth=50):
     )
 
 
+def faster_rcnn(depth=50):
+    """mmdetection faster_rcnn_r{depth}_fpn: ResNet + FPN (P2..P6) + RPN + Shared2FC RoI head."""
+    return _dense_model(
+        "faster_rcnn",
+        depth,
+        anchor_scale=8,
+        anchor_ratios=(0.5, 1.0, 2.0),
+        rpn_pos_iou=0.7,
+        rpn_neg_iou=0.3,
+        rpn_min_pos_iou=0.3,
+        rpn_num=256,
+        rpn_pos_fraction=0.5,
+        rpn_train_nms_pre=2000,
+        rpn_train_max_num=1000,
+        rpn_test_nms_pre=1000,
+        rpn_test_max_num=1000,
+        rpn_nms_iou=0.7,
+        roi_pos_iou=0.5,
+        roi_num=512,
+        roi_pos_fraction=0.25,
+        roi_output_size=7,
+        # Samples per RoIAlign bin along each axis. mmcv's 0 (adaptive) cannot be static;
+        # tests/test_roi_align.py measures what a fixed 2 x 2 grid changes.
+        roi_sampling_ratio=2,
+        roi_aligned=True,
+        fc_channels=1024,
+        cls_loss_weight=1.0,
+        bbox_loss_weight=1.0,
+        test_nms_pre=-1,  # (proposal, class) pairs entering the final NMS; -1: all of them
+    )
+
+
 def coco_data(root="", builder="coco_folder"):
     """COCO 2017 at mmdetection's (1333, 800), landscape/portrait canvases of 1344 x 800."""
     return ml_collections.ConfigDict(
@@ -189,6 +221,16 @@ def shrink_for_runlocal(config, steps=4):
         m.stacked_convs = 1
         m.test_nms_pre = 100
         m.test_max_per_img = 20
+        if m.family == "faster_rcnn":
+            m.update(
+                rpn_train_nms_pre=200,
+                rpn_train_max_num=100,
+                rpn_test_nms_pre=200,
+                rpn_test_max_num=100,
+                roi_num=64,
+                fc_channels=64,
+                test_nms_pre=-1,
+            )
     config.runlocal = True
     if config.data.builder == "coco_folder" and not config.data.root:
         config.data.builder = "synthetic_shapes"

@@ -311,16 +311,20 @@ def make_train_step(config, student, teacher, tx, schedule):
     for name, lcfg in losses.items():
         c = ml_collections.ConfigDict(lcfg.to_dict())
         c.levels, c.strides = student.levels, student.strides
+        c.num_classes = student.num_classes
         loss_cfgs[name] = c
+    # Losses that compare RoI-head outputs run the teacher's RoI head on the student's RoIs.
+    teacher_rois = any(registry.get(c.fn).teacher_roi_head for c in loss_cfgs.values())
+    base_key = jax.random.PRNGKey(config.seed + 3)
 
     def step_fn(state, teacher_vars, batch):
         step = state["step"]
         x_s = model_inputs(student, config.model, batch)
-        t_taps = None
+        t_taps = t_outputs = None
         if teacher is not None:
             x_t = model_inputs(teacher, config.teacher.model, batch)
-            _, t_taps = teacher.module.apply(teacher_vars, x_t)
-            t_taps = jax.lax.stop_gradient(t_taps)
+            t_outputs, t_taps = jax.lax.stop_gradient(teacher.module.apply(teacher_vars, x_t))
+        key = jax.random.fold_in(base_key, step)  # the samplers' randomness, by step
 
         def loss_fn(params):
             variables = {"params": params["student"], "batch_stats": state["batch_stats"]}
@@ -331,12 +335,18 @@ def make_train_step(config, student, teacher, tx, schedule):
                     variables, x_s, train=True, mutable=["batch_stats"]
                 )
                 new_stats = upd["batch_stats"]
-            total, det = student.loss(outputs, batch)
+            taps = dict(taps)
+            total, det = student.loss(outputs, batch, variables=variables, rng=key, taps=taps)
             metrics = {f"student/{k}": v for k, v in det.items()}
+            teacher_view = t_taps
+            if teacher_rois:
+                rois = jax.lax.stop_gradient(taps["roi/rois"])
+                t_cls, _ = teacher.roi_logits(teacher_vars, t_outputs, rois)
+                teacher_view = {**t_taps, "roi/cls_logits": jax.lax.stop_gradient(t_cls)}
             w = registry.warmup_factor(step, warmup)
             for name, c in loss_cfgs.items():
                 value, extra = registry.get(c.fn).fn(
-                    taps, t_taps, batch, params["adapters"].get(name), cfg=c
+                    taps, teacher_view, batch, params["adapters"].get(name), cfg=c
                 )
                 if value is None and c.weight != 0:
                     raise ValueError(f"distillation loss {name!r} ({c.fn}) produced no value")
@@ -380,7 +390,7 @@ def make_predict(detector, model_cfg):
 
     def predict(variables, batch):
         outputs, _ = detector.module.apply(variables, model_inputs(detector, model_cfg, batch))
-        dets = detector.predict(outputs, batch)
+        dets = detector.predict(outputs, batch, variables=variables)
         dets["image_id"] = batch["image_id"]
         dets["image_valid"] = batch["image_valid"]
         return dets

@@ -19,6 +19,9 @@ class DistillLoss:
     fn: Callable
     uses_adapter: bool
     teacher_taps: tuple[str, ...]
+    # The loss reads the teacher's RoI head on the student's sampled RoIs (`roi/cls_logits` in
+    # the teacher taps); the trainer computes it when any configured loss asks.
+    teacher_roi_head: bool = False
 
 
 LOSSES = {

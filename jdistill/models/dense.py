@@ -87,7 +87,8 @@ class DenseDetector:
 
     Subclasses set `self.module`, `self.num_anchors` and implement `priors(canvas_hw)` (a list of
     per-level [H_l * W_l * A, 4] numpy boxes), `loss`, and `decode_level(level, priors, raw,
-    img_shape)` for the test-time decode.
+    img_shape)` for the test-time decode. `loss` and `predict` take the two-stage detectors' extra
+    keywords (variables, rng, taps) and ignore them: a dense detector needs only its outputs.
     """
 
     levels = ("p3", "p4", "p5", "p6", "p7")
@@ -149,7 +150,7 @@ class DenseDetector:
         del outputs, level
         return None
 
-    def predict(self, outputs, batch):
+    def predict(self, outputs, batch, **unused):
         """mmdetection >= 2.18 dense-head post-processing (`specs/detectors.md` §6).
 
         Per level: the top `test_nms_pre` (prior, class) pairs with score > test_score_thr,

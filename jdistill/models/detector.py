@@ -1,16 +1,23 @@
 """The detector protocol and factory.
 
 A detector object has `module` (flax.linen, `module.apply(variables, images)` ->
-`(outputs, taps)`), `levels`/`strides` of its FPN outputs, `loss(outputs, batch)` ->
-`(total, metrics)` and `predict(outputs, batch)` -> fixed-size detections. `preprocess` turns
+`(outputs, taps)`), `levels`/`strides` of its FPN outputs, `loss(outputs, batch, *, variables,
+rng, taps)` -> `(total, metrics)` and `predict(outputs, batch, *, variables)` -> fixed-size
+detections. `variables`, `rng` and `taps` serve two-stage detectors, whose RoI head runs inside
+the loss on sampled RoIs (and adds `roi/*` taps for the distillers); dense ones ignore them. `preprocess` turns
 the uint8 canvas the pipeline ships into the network's input on device.
 """
 
 import jax.numpy as jnp
 
-from jdistill.models import fcos, gfl, retinanet
+from jdistill.models import faster_rcnn, fcos, gfl, retinanet
 
-FAMILIES = {"retinanet": retinanet.RetinaNet, "gfl": gfl.GFL, "fcos": fcos.FCOS}
+FAMILIES = {
+    "retinanet": retinanet.RetinaNet,
+    "gfl": gfl.GFL,
+    "fcos": fcos.FCOS,
+    "faster_rcnn": faster_rcnn.FasterRCNN,
+}
 
 # mmdetection's Normalize settings (specs/detectors.md §1.1 step 4).
 PIXEL_NORMS = {

@@ -151,7 +151,7 @@ class FCOS(dense.DenseDetector):
         """Per-level points as zero-size boxes [x, y, x, y]: list of [H*W, 4]."""
         return [np.concatenate([p, p], -1) for p in points(canvas_hw, self.strides)]
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs, batch, **unused):
         """Focal / num_pos, centerness-weighted IoU loss / sum of centerness, centerness BCE."""
         cfg = self.cfg
         pts_l = points(self.canvas_of(outputs), self.strides)

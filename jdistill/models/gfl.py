@@ -90,7 +90,7 @@ class GFL(dense.DenseDetector):
             canvas_hw, self.strides, self.cfg.octave_base_scale, 1, (1.0,)
         )
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs, batch, **unused):
         """QFL + GIoU + DFL with the reference's normalisers (`gfl_head.py` loss).
 
         Args:

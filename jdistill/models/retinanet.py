@@ -86,7 +86,7 @@ class RetinaNet(dense.DenseDetector):
             self.ratios,
         )
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs, batch, **unused):
         """Detection losses of a batch.
 
         Args:
