@@ -4,8 +4,8 @@ A detector object has `module` (flax.linen, `module.apply(variables, images)` ->
 `(outputs, taps)`), `levels`/`strides` of its FPN outputs, `loss(outputs, batch, *, variables,
 rng, taps)` -> `(total, metrics)` and `predict(outputs, batch, *, variables)` -> fixed-size
 detections. `variables`, `rng` and `taps` serve two-stage detectors, whose RoI head runs inside
-the loss on sampled RoIs (and adds `roi/*` taps for the distillers); dense ones ignore them. `preprocess` turns
-the uint8 canvas the pipeline ships into the network's input on device.
+the loss on sampled RoIs (and adds `roi/*` taps for the distillers); dense ones ignore them.
+`preprocess` turns the uint8 canvas the pipeline ships into the network's input on device.
 """
 
 import jax.numpy as jnp
