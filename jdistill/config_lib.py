@@ -4,6 +4,8 @@ Configs are ml_collections files with `get_config(arg=None)`; `arg` is a comma-s
 of flags and key=value pairs, e.g. `configs/frs_retinanet.py:runlocal`.
 """
 
+import os
+
 import ml_collections
 
 
@@ -155,6 +157,51 @@ def coco_data(root="", builder="coco_folder"):
     )
 
 
+# Where the tests and `:runlocal` VOC configs find the raccoon data set (VOC layout).
+SHARED_VOC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "raccoon_voc")
+
+
+def voc_data(root="", years="0712"):
+    """Pascal VOC at (1000, 600): trainval of `years` ('07', '12' or '0712') for training,
+    VOC2007 test for evaluation with VOC07 11-point mAP (the DeFeat setting, specs/defeat.md §6).
+    """
+    data = coco_data(root, builder="voc_folder")
+    data.voc_years = tuple("20" + years[i : i + 2] for i in range(0, len(years), 2))
+    data.class_names = ()  # () -> VOC's 20 classes, or the names the annotations use
+    data.scales = ((1000, 600),)
+    # Most VOC images are 500 x 375 -> 800 x 600; the long side never exceeds 1000.
+    data.canvases = landscape_and_portrait((608, 800), (608, 1024))
+    data.max_boxes = 64
+    data.eval_metric = "voc"
+    data.voc_ap_mode = "11points"
+    return data
+
+
+def voc_schedule():
+    """DeFeat's VOC schedule: 12 effective epochs (RepeatDataset 3 x 4), x0.1 after epoch 9,
+    linear warm-up of 200 iterations from 0.001."""
+    sched = step_schedule(12, (9,))
+    sched.warmup_steps = 200
+    return sched
+
+
+def voc_faster_rcnn(depth, lr, years="0712"):
+    """The DeFeat reference's VOC Faster R-CNN recipe: batch 16 normalised per 8 images."""
+    model = faster_rcnn(depth)
+    model.loss_group_size = 8  # the reference normalises per GPU of 8 images
+    config = base(model, voc_data(years=years), lr=lr)
+    config.schedule = voc_schedule()
+    return config
+
+
+def shrink_voc_for_runlocal(config):
+    """`shrink_for_runlocal` for VOC configs: reads ../shared/data/raccoon_voc when no root."""
+    if not config.data.root:
+        config.data.root = os.path.abspath(SHARED_VOC)
+        config.data.voc_years = ("2007",)
+    return shrink_for_runlocal(config)
+
+
 def sgd(lr):
     """mmdetection's SGD: momentum 0.9, weight decay 1e-4 on every trainable param."""
     return ml_collections.ConfigDict(
@@ -304,6 +351,50 @@ def frs_distill(feat_weight, cls_weight, warmup_steps=500):
             ),
         )
     )
+
+
+def defeat_distill(preset="released", group_size=8):
+    """DeFeat on Faster R-CNN (specs/defeat.md, "Decisions for this project").
+
+    'released': the reference config's decoupled neck terms only (fg 3, bg 12, gt masks,
+    DeFeat-init 3x3 adapters, no head term, no decay). 'paper': plus the decoupled proposal KD
+    on the student's sampled RoIs (fg and bg weight 2, temperatures 1 and 1, each read).
+    `group_size`: images per normaliser (the reference's 8 per GPU).
+    """
+    if preset not in ("released", "paper"):
+        raise ValueError(f"DeFeat preset {preset!r}: use 'released' or 'paper'")
+    losses = dict(
+        defeat_neck=dict(
+            fn="defeat_neck",
+            weight=1.0,
+            adapter="defeat3x3",
+            mask="gt",  # 'gt' (DeFeat), 'roi' (FGFI, with roi_phi) or 'all'
+            decoupled=True,
+            fg_weight=3.0,
+            bg_weight=12.0,
+            group_size=group_size,
+            count_padding=False,  # True: padding counts as background, as the reference
+        )
+    )
+    if preset == "paper":
+        losses["defeat_roi_kd"] = dict(
+            fn="defeat_roi_kd",
+            weight=1.0,
+            fg_weight=2.0,
+            bg_weight=2.0,
+            fg_temperature=1.0,
+            bg_temperature=1.0,
+            group_size=group_size,
+        )
+    return ml_collections.ConfigDict(dict(warmup_steps=0, decay="none", losses=losses))
+
+
+def fgfi_distill(group_size=4):
+    """FGFI as the DeFeat reference runs it: RoI-anchor masks (phi 0.5), foreground term only
+    (weight 3, normalised by 2 C N_p), DeFeat-init adapters."""
+    d = defeat_distill("released", group_size)
+    d.losses.defeat_neck.update(mask="roi", roi_phi=0.5, decoupled=False, bg_weight=0.0)
+    return d
 
 
 def teacher(model):

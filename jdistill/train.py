@@ -25,6 +25,7 @@ from jdistill.distill import adapters as adapter_lib
 from jdistill.distill import registry
 from jdistill.evaluate import coco as coco_eval
 from jdistill.evaluate import visualize
+from jdistill.evaluate import voc as voc_eval
 from jdistill.models import detector as detector_lib
 from jdistill.models import resnet as resnet_lib
 
@@ -303,10 +304,11 @@ def distill_losses(config):
 # ============================================================================ step
 
 
-def make_train_step(config, student, teacher, tx, schedule):
+def make_train_step(config, student, teacher, tx, schedule, total_steps=0):
     """The jittable step(state, teacher_vars, batch) -> (state, metrics)."""
     losses = distill_losses(config)
     warmup = config.distill.warmup_steps if losses else 0
+    decay = config.distill.get("decay", "none") if losses else "none"
     loss_cfgs = {}
     for name, lcfg in losses.items():
         c = ml_collections.ConfigDict(lcfg.to_dict())
@@ -343,7 +345,9 @@ def make_train_step(config, student, teacher, tx, schedule):
                 rois = jax.lax.stop_gradient(taps["roi/rois"])
                 t_cls, _ = teacher.roi_logits(teacher_vars, t_outputs, rois)
                 teacher_view = {**t_taps, "roi/cls_logits": jax.lax.stop_gradient(t_cls)}
-            w = registry.warmup_factor(step, warmup)
+            w = registry.warmup_factor(step, warmup) * registry.decay_factor(
+                step, total_steps, decay
+            )
             for name, c in loss_cfgs.items():
                 value, extra = registry.get(c.fn).fn(
                     taps, teacher_view, batch, params["adapters"].get(name), cfg=c
@@ -402,9 +406,10 @@ def make_predict(detector, model_cfg):
 
 
 def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, category_ids):
-    """COCO mAP of `variables` on `split`; writes eval/<tag>step_<N>.json and a PNG.
+    """COCO (or VOC, `data.eval_metric='voc'`) mAP of `variables` on `split`.
 
-    Returns the dict of mmdetection metric names -> float.
+    Writes eval/<tag>step_<N>.json and a PNG. Returns the dict of metric names -> float
+    (mmdetection's COCO names, or `mAP` and `AP50/<class>` for VOC).
     """
     t0 = time.time()
     results = []
@@ -412,7 +417,12 @@ def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, cat
         batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
         dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
         results += coco_eval.to_results(dets, dets["image_id"], dets["image_valid"], category_ids)
-    metrics, summary = coco_eval.evaluate(coco_eval.ground_truth(split), results)
+    if config.data.get("eval_metric", "coco") == "voc":
+        metrics, summary = voc_eval.evaluate_split(
+            split, results, config.data.get("voc_ap_mode", "11points")
+        )
+    else:
+        metrics, summary = coco_eval.evaluate(coco_eval.ground_truth(split), results)
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         stem = os.path.join(workdir, "eval", f"{tag}step_{step}")
@@ -547,7 +557,7 @@ def run(config, workdir, *, stop_at_step=None):
     # ------------------------------------------------------------------ step functions
     batch_sh = parallel.batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(config, student, teacher, tx, schedule),
+        make_train_step(config, student, teacher, tx, schedule, total_steps),
         in_shardings=(state_sharding, parallel.replicated(mesh), batch_sh),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),

@@ -24,9 +24,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jdistill.data import transforms
-from jdistill.data.builders import coco_folder, features, synthetic_shapes
+from jdistill.data.builders import coco_folder, features, synthetic_shapes, tfds_voc, voc_folder
 
-META_VERSION = 1
+META_VERSION = 2
+OBJECT_KEYS = ("bbox", "label", "area", "is_crowd", "is_difficult")
 
 
 @dataclasses.dataclass
@@ -56,38 +57,59 @@ def get_builder(data_cfg):
     name = data_cfg.builder
     if name == "synthetic_shapes":
         return synthetic_shapes.SyntheticShapes(data_dir=data_dir)
+    if name in ("coco_folder", "voc_folder") and not data_cfg.get("root"):
+        raise ValueError(f"data.builder={name!r} needs data.root (a COCO or VOCdevkit folder)")
     if name == "coco_folder":
-        if not data_cfg.get("root"):
-            raise ValueError("data.builder='coco_folder' needs data.root (a COCO-layout folder)")
         return coco_folder.CocoFolder(root=data_cfg.root, data_dir=data_dir)
-    raise ValueError(f"unknown data.builder {name!r}; use 'synthetic_shapes' or 'coco_folder'")
+    if name == "voc_folder":
+        return voc_folder.VocFolder(
+            root=data_cfg.root,
+            years=tuple(data_cfg.get("voc_years", ("2007",))),
+            class_names=tuple(data_cfg.get("class_names", ())),
+            data_dir=data_dir,
+        )
+    raise ValueError(
+        f"unknown data.builder {name!r}; use 'synthetic_shapes', 'coco_folder', 'voc_folder' "
+        "or 'tfds_voc'"
+    )
 
 
 def _read_meta(builder, split):
     cache = os.path.join(builder.data_dir, f"jdistill_meta_{split}_v{META_VERSION}.npz")
-    if os.path.exists(cache):
+    meta_source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    return _cached_meta(cache, meta_source)
+
+
+def _object_arrays(objects):
+    """Object dict -> numpy arrays, with `is_difficult` False where the data set has none."""
+    out = {k: np.asarray(v) for k, v in objects.items()}
+    out.setdefault("is_difficult", np.zeros(len(out["label"]), bool))
+    return out
+
+
+def _cached_meta(cache, meta_source):
+    """(heights, widths, image ids, objects) of a source, cached in `cache` (None: no cache)."""
+    if cache and os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as z:
             counts = z["counts"]
             offsets = np.concatenate([[0], np.cumsum(counts)])
             objects = [
-                {
-                    k: z[k][offsets[i] : offsets[i + 1]]
-                    for k in ("bbox", "label", "area", "is_crowd")
-                }
+                {k: z[k][offsets[i] : offsets[i + 1]] for k in OBJECT_KEYS}
                 for i in range(len(counts))
             ]
             return z["heights"], z["widths"], z["image_ids"], objects
-    meta_source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     heights, widths, ids, objects = [], [], [], []
     for i in range(len(meta_source)):
         ex = meta_source[i]
         heights.append(ex["height"])
         widths.append(ex["width"])
         ids.append(ex["image_id"])
-        objects.append({k: np.asarray(v) for k, v in ex["objects"].items()})
+        objects.append(_object_arrays(ex["objects"]))
     cat = {
         k: np.concatenate([o[k] for o in objects]) if objects else np.zeros(0) for k in objects[0]
     }
+    if not cache:
+        return np.asarray(heights), np.asarray(widths), np.asarray(ids), objects
     tmp = cache + f".tmp{os.getpid()}.npz"
     np.savez(
         tmp,
@@ -99,13 +121,20 @@ def _read_meta(builder, split):
         label=cat["label"].astype(np.int64),
         area=cat["area"].astype(np.float32),
         is_crowd=cat["is_crowd"].astype(bool),
+        is_difficult=cat["is_difficult"].astype(bool),
     )
     os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
     return np.asarray(heights), np.asarray(widths), np.asarray(ids), objects
 
 
 def load_split(data_cfg, split):
-    """Prepares (once) and opens `split` ('train' or 'validation') of the configured data set."""
+    """Prepares (once) and opens `split` ('train' or 'validation') of the configured data set.
+
+    With `data.builder='tfds_voc'`, `split` names official tfds parts instead ('voc/2007:test',
+    or a tuple such as ('voc/2007:train+validation', 'voc/2012:train+validation')).
+    """
+    if data_cfg.builder == "tfds_voc":
+        return _load_tfds_voc(data_cfg, split)
     builder = get_builder(data_cfg)
     # One process prepares; on a pod the others wait for it, then find the data ready.
     if jax.process_index() == 0:
@@ -125,6 +154,23 @@ def load_split(data_cfg, split):
         objects=objects,
         class_names=tuple(builder.info.features["objects"]["label"].names),
         category_ids=tuple(int(c) for c in builder.info.metadata["category_ids"]),
+    )
+
+
+def _load_tfds_voc(data_cfg, split):
+    data_dir = data_cfg.get("data_dir") or None
+    source = tfds_voc.TfdsVocSource(split, data_dir=data_dir)
+    meta = tfds_voc.TfdsVocSource(split, data_dir=data_dir, skip_images=True)
+    heights, widths, ids, objects = _cached_meta(None, meta)
+    return Split(
+        name=str(split),
+        source=source,
+        heights=np.asarray(heights),
+        widths=np.asarray(widths),
+        image_ids=np.asarray(ids),
+        objects=objects,
+        class_names=source.class_names,
+        category_ids=tuple(range(len(source.class_names))),
     )
 
 
@@ -183,6 +229,8 @@ def process_example(ex, *, data_cfg, train, rng, scale=None, canvas=None):
         raise ValueError(f"image {ex['image_id']}: expected [H, W, 3], got {image.shape}")
     obj = ex["objects"]
     keep = ~np.asarray(obj["is_crowd"], bool)  # crowd boxes are never trained on
+    if "is_difficult" in obj:  # nor VOC's difficult ones (the reference drops them)
+        keep &= ~np.asarray(obj["is_difficult"], bool)
     boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)[keep]
     labels = np.asarray(obj["label"], np.int64)[keep]
     scale = scale or test_scale(data_cfg)

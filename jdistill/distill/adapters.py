@@ -4,7 +4,8 @@ at inference, never part of an exported student.
 
 Params: {'level_{i}': {'kernel': [k, k, C_s, C_t], 'bias': [C_t]}} for every level i.
 Initialised as PyTorch's `nn.Conv2d` default (kaiming-uniform, a = sqrt(5)), which is what the
-reference's adaptation convs get.
+reference's adaptation convs get; `defeat3x3` has DeFeat's tiny fmod(N(0, 1), 2) * 1e-4 weights
+(bias still PyTorch's default).
 """
 
 import jax
@@ -14,7 +15,12 @@ from flax import linen as nn
 # kaiming_uniform(a=sqrt(5)) == uniform(+-sqrt(1 / fan_in)) == variance_scaling(1/3, uniform).
 _torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-KERNELS = {"conv3x3": 3, "conv1x1": 1}
+KERNELS = {"conv3x3": 3, "conv1x1": 1, "defeat3x3": 3}
+
+
+def _defeat_kernel_init(key, shape, dtype=jnp.float32):
+    """DeFeat's adapter weights: fmod(N(0, 1), 2) * 1e-4 (specs/defeat.md §3.1)."""
+    return (jnp.fmod(jax.random.normal(key, shape, dtype), 2.0) * 1e-4).astype(dtype)
 
 
 def _torch_bias_init(fan_in):
@@ -53,12 +59,13 @@ def init(rng, *, num_levels, in_channels, out_channels, kind):
     if kind not in KERNELS:
         raise ValueError(f"unknown adapter {kind!r}; choose one of {sorted(KERNELS)}")
     k = KERNELS[kind]
+    kernel_init = _defeat_kernel_init if kind == "defeat3x3" else _torch_kernel_init
     fan_in = k * k * in_channels
     params = {}
     for i, key in enumerate(jax.random.split(rng, num_levels)):
         kk, kb = jax.random.split(key)
         params[f"level_{i}"] = {
-            "kernel": _torch_kernel_init(kk, (k, k, in_channels, out_channels), jnp.float32),
+            "kernel": kernel_init(kk, (k, k, in_channels, out_channels), jnp.float32),
             "bias": _torch_bias_init(fan_in)(kb, (out_channels,)),
         }
     return params

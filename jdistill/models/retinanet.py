@@ -86,13 +86,15 @@ class RetinaNet(dense.DenseDetector):
             self.ratios,
         )
 
-    def loss(self, outputs, batch, **unused):
+    def loss(self, outputs, batch, *, taps=None, **unused):
         """Detection losses of a batch.
 
         Args:
           outputs: from the module.
           batch: `boxes` [B, G, 4] canvas pixels, `labels` [B, G] int32, `box_valid` [B, G],
             `pad_shape` [B, 2] int32, `image_valid` [B] (padding examples contribute nothing).
+          taps: if given, the assignment is added as `assign/pos` / `assign/neg` [B, A] bool
+            (DeFeat's decoupled dense KD reads it).
         Returns:
           (total loss, {'loss_cls', 'loss_bbox'}) float32 scalars.
         """
@@ -113,6 +115,8 @@ class RetinaNet(dense.DenseDetector):
         )
         assigned = assign(valid, batch["boxes"], gt_valid)  # [B, A]
         pos, matched_boxes, matched_labels = self.match(assigned, batch)
+        if taps is not None:
+            taps.update({"assign/pos": pos, "assign/neg": assigned == 0})
         onehot = jax.nn.one_hot(matched_labels, self.num_classes) * pos[..., None]
         label_w = (assigned >= 0).astype(jnp.float32)
 

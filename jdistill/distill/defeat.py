@@ -1,0 +1,245 @@
+"""DeFeat (Guo et al., CVPR 2021) and FGFI (Wang et al., CVPR 2019), `specs/defeat.md`.
+
+Decisions (the spec's "Decisions for this project"): options are explicit config fields
+(mask kind, decoupled or not, weights, temperatures); background is class index K; padding is
+never background unless `count_padding=True` (the reference counts its batch padding as
+background: that option reproduces its numbers); masks are rasterised on device from the padded
+gt boxes with static shapes.
+
+Normalisers follow the reference's per-GPU sums: with `group_size` g > 0 the batch is cut into
+groups of g images (the reference's 8 per GPU), each normalised by its own counts, and the group
+losses are averaged (DDP's gradient mean). g = 0 is one group of the whole batch.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jdistill.distill import adapters, frs
+from jdistill.ops import anchors as anchor_ops
+from jdistill.ops import boxes as box_ops
+from jdistill.ops import roi_align as roi_ops
+
+MASKS = ("gt", "roi", "all")
+
+
+def gt_levels(boxes, num_levels):
+    """DeFeat's level of each gt box: floor(log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6)), clipped.
+
+    boxes: [..., 4] -> [...] int32 in [0, num_levels - 1] (level 0 is the first distilled one).
+    """
+    return roi_ops.map_roi_levels(boxes, num_levels, plus_one=True)
+
+
+def gt_mask_level(boxes, on_level, feat_hw, stride):
+    """`mask-neck-gt` of one level for one image: half-open floor rasterisation, binary.
+
+    A box marks cells [floor(y1/s), min(floor(y2/s), H)) x [floor(x1/s), min(floor(x2/s), W))
+    (the cell holding x2 / y2 is not marked); when that range is empty along an axis, only the
+    cell (floor(y1/s), floor(x1/s)) is marked.
+
+    Args:
+      boxes: [G, 4] canvas pixels; on_level: [G] bool (valid and assigned to this level).
+      feat_hw: (H, W); stride: the level stride.
+    Returns:
+      [H, W] float32 in {0, 1}.
+    """
+    h, w = feat_hw
+    lx = jnp.maximum(jnp.floor(boxes[:, 0] / stride), 0).astype(jnp.int32)
+    ly = jnp.maximum(jnp.floor(boxes[:, 1] / stride), 0).astype(jnp.int32)
+    rx = jnp.minimum(jnp.floor(boxes[:, 2] / stride).astype(jnp.int32), w)
+    ry = jnp.minimum(jnp.floor(boxes[:, 3] / stride).astype(jnp.int32), h)
+    degenerate = (lx == rx) | (ly == ry)
+    ys = jnp.arange(h)[None, :]
+    xs = jnp.arange(w)[None, :]
+    rows = jnp.where(
+        degenerate[:, None], ys == ly[:, None], (ys >= ly[:, None]) & (ys < ry[:, None])
+    )
+    cols = jnp.where(
+        degenerate[:, None], xs == lx[:, None], (xs >= lx[:, None]) & (xs < rx[:, None])
+    )
+    rows = (rows & on_level[:, None]).astype(jnp.float32)
+    count = jnp.einsum("gh,gw->hw", rows, cols.astype(jnp.float32))
+    return (count > 0).astype(jnp.float32)
+
+
+def roi_mask_level(boxes, on_level, anchors, feat_hw, num_anchors, phi):
+    """FGFI's `mask-neck-roi` of one level for one image.
+
+    A cell is marked when one of its anchors has IoU > phi * (the best IoU of some gt of this
+    level over all this level's anchors) with that gt.
+
+    Args:
+      boxes: [G, 4]; on_level: [G] bool; anchors: [H * W * A, 4] (location-major).
+      feat_hw: (H, W); num_anchors: A; phi: the threshold factor (0.5).
+    Returns:
+      [H, W] float32 in {0, 1}.
+    """
+    iou = box_ops.pairwise_iou(anchors, boxes)  # [HWA, G]
+    iou = jnp.where(on_level[None, :], iou, -1.0)
+    best = iou.max(axis=0)  # [G]
+    hit = (iou > phi * best[None, :]) & on_level[None, :]
+    return hit.any(axis=1).reshape(*feat_hw, num_anchors).any(-1).astype(jnp.float32)
+
+
+def level_masks(cfg, targets, level_hws):
+    """Per-level [N, H_l, W_l] foreground masks of the configured kind (`cfg.mask`)."""
+    kind = cfg.get("mask", "gt")
+    if kind not in MASKS:
+        raise ValueError(f"DeFeat mask {kind!r}: use one of {MASKS}")
+    n = targets["boxes"].shape[0]
+    if kind == "all":
+        return [jnp.ones((n, *hw), jnp.float32) for hw in level_hws]
+    num_levels = len(level_hws)
+    valid = targets["box_valid"] & targets["image_valid"][:, None]
+    lvl = gt_levels(targets["boxes"], num_levels)  # [N, G]
+    ratios = tuple(cfg.get("anchor_ratios", (0.5, 1.0, 2.0)))
+    masks = []
+    for i, (hw, stride) in enumerate(zip(level_hws, cfg.strides, strict=True)):
+        on = valid & (lvl == i)
+        if kind == "gt":
+            fn = functools.partial(gt_mask_level, feat_hw=hw, stride=stride)
+        else:
+            base = anchor_ops.base_anchors(stride, [cfg.get("anchor_scale", 8)], ratios)
+            fn = functools.partial(
+                roi_mask_level,
+                anchors=jnp.asarray(anchor_ops.grid_anchors(hw, stride, base)),
+                feat_hw=hw,
+                num_anchors=len(ratios),
+                phi=cfg.get("roi_phi", 0.5),
+            )
+        masks.append(jax.vmap(fn)(targets["boxes"], on))
+    return masks
+
+
+def _groups(x, group_size):
+    """[N, ...] -> per-group sums [num_groups] (group_size 0: one group)."""
+    n = x.shape[0]
+    g = n if not group_size or group_size >= n else group_size
+    if n % g:
+        raise ValueError(f"batch {n} does not split into DeFeat groups of {g}")
+    return x.reshape(n // g, -1).sum(axis=1)
+
+
+def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+    """DeFeat's decoupled neck loss (`decoupled=True`) or FGFI's foreground-only loss.
+
+    Per level l, with D = A_l(S_l) - T_l over [N, H, W, C], mask M and pixel validity V:
+      L_fg_l = sum M V D^2 / max(1, 2 C sum M V),
+      L_bg_l = sum (1 - M) V D^2 / max(1, 2 C sum (1 - M) V)
+    and the loss is fg_weight * mean_l L_fg_l + bg_weight * mean_l L_bg_l (no background term
+    when `decoupled` is False: FGFI). Levels without foreground still count in the mean.
+
+    Args:
+      student_taps / teacher_taps: `neck/{level}` [N, H, W, C].
+      targets: the batch: `boxes`, `box_valid`, `image_valid`, `pad_shape`.
+      adapter_params: one adapter conv per level (`adapters.py`).
+      cfg: levels, strides, mask ('gt' | 'roi' | 'all'), decoupled, fg_weight, bg_weight,
+        group_size, count_padding, roi_phi.
+    Returns:
+      (scalar, {'fg', 'bg', 'fg_cells'}).
+    """
+    hws = [tuple(teacher_taps[f"neck/{lvl}"].shape[1:3]) for lvl in cfg.levels]
+    masks = level_masks(cfg, targets, hws)
+    g = cfg.get("group_size", 0)
+    fg_total, bg_total, cells = 0.0, 0.0, 0.0
+    for i, (lvl, stride) in enumerate(zip(cfg.levels, cfg.strides, strict=True)):
+        s = adapters.apply_level(adapter_params, i, student_taps[f"neck/{lvl}"]).astype(jnp.float32)
+        t = jax.lax.stop_gradient(teacher_taps[f"neck/{lvl}"].astype(jnp.float32))
+        c = t.shape[-1]
+        if cfg.get("count_padding", False):
+            valid = jnp.ones(masks[i].shape, jnp.float32)
+        else:
+            valid = frs.pixel_valid(targets["pad_shape"], hws[i], stride)
+        valid = valid * targets["image_valid"][:, None, None]
+        sq = jnp.square(s - t).sum(-1)  # [N, H, W]
+        fg = masks[i] * valid
+        bg = (1.0 - masks[i]) * valid
+        fg_total += jnp.mean(_groups(fg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(fg, g)))
+        bg_total += jnp.mean(_groups(bg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(bg, g)))
+        cells += fg.sum()
+    n_levels = len(cfg.levels)
+    fg_loss = cfg.fg_weight * fg_total / n_levels
+    bg_loss = cfg.bg_weight * bg_total / n_levels if cfg.get("decoupled", True) else 0.0
+    return fg_loss + bg_loss, {"fg": fg_loss, "bg": jnp.float32(bg_loss), "fg_cells": cells}
+
+
+def temperature_kl(student_logits, teacher_logits, rows, temperature, group_size=0):
+    """T^2 * sum_{rows} KL(softmax(z_t / T) || softmax(z_s / T)) / #rows (0 when no rows).
+
+    Args:
+      student_logits, teacher_logits: [N, R, K + 1]; rows: [N, R] bool.
+    Returns:
+      scalar, averaged over groups of `group_size` images.
+    """
+    t = temperature
+    log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t, -1)
+    kl = (jnp.exp(log_q) * (log_q - log_p)).sum(-1) * rows
+    num = _groups(kl, group_size)
+    den = _groups(rows.astype(jnp.float32), group_size)
+    return jnp.mean(jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0)) * t * t
+
+
+def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+    """DeFeat's decoupled proposal KD on the student's sampled RoIs (`SampleSTU`).
+
+    The teacher's RoI head ran on the same RoIs (`roi/cls_logits` in the teacher taps), so the
+    labels that split foreground from background are consistent. Background is label K.
+    Loss: fg_weight * KL(fg rows, fg_temperature) + bg_weight * KL(bg rows, bg_temperature).
+
+    Args:
+      student_taps: `roi/cls_logits` [N, R, K + 1], `roi/labels` [N, R], `roi/valid` [N, R].
+      teacher_taps: `roi/cls_logits` [N, R, K + 1].
+    Returns:
+      (scalar, {'fg', 'bg'}).
+    """
+    del targets, adapter_params
+    labels = student_taps["roi/labels"]
+    valid = student_taps["roi/valid"]
+    fg_rows = valid & (labels < cfg.num_classes)
+    bg_rows = valid & (labels == cfg.num_classes)
+    g = cfg.get("group_size", 0)
+    zs, zt = student_taps["roi/cls_logits"], teacher_taps["roi/cls_logits"]
+    fg = cfg.fg_weight * temperature_kl(zs, zt, fg_rows, cfg.fg_temperature, g)
+    bg = cfg.bg_weight * temperature_kl(zs, zt, bg_rows, cfg.bg_temperature, g)
+    return fg + bg, {"fg": fg, "bg": bg}
+
+
+def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+    """DeFeat for one-stage detectors: decoupled dense classification KD.
+
+    Per prior, kd = T^2 * sum_k BCE(sigmoid(z_s / T), sigmoid(z_t / T)); averaged separately
+    over the priors the detector's own assigner marks positive and negative (`assign/pos`,
+    `assign/neg` taps, ignored priors in neither):
+      pos_weight * sum_pos kd / max(1, #pos) + neg_weight * sum_neg kd / max(1, #neg).
+
+    Args:
+      student_taps: `head/cls_logits/{level}` [N, H, W, A * K], `assign/pos`, `assign/neg`
+        [N, sum_l H_l W_l A] bool.
+      teacher_taps: `head/cls_logits/{level}`.
+    Returns:
+      (scalar, {'pos', 'neg'}).
+    """
+    del targets, adapter_params
+    t = cfg.get("temperature", 1.0)
+    n = student_taps["assign/pos"].shape[0]
+    a_total = student_taps["assign/pos"].shape[1]
+    zs = jnp.concatenate(
+        [student_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in cfg.levels], 1
+    )
+    zt = jnp.concatenate(
+        [teacher_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in cfg.levels], 1
+    )
+    zs = zs.reshape(n, a_total, -1).astype(jnp.float32) / t
+    q = jax.nn.sigmoid(jax.lax.stop_gradient(zt).reshape(n, a_total, -1).astype(jnp.float32) / t)
+    # BCE against the teacher's soft targets (FRS's class term); its gradient is the KL's.
+    kd = (jax.nn.softplus(zs) - q * zs).sum(-1) * t * t
+    g = cfg.get("group_size", 0)
+    out = {}
+    for name, sel in (("pos", student_taps["assign/pos"]), ("neg", student_taps["assign/neg"])):
+        sel = sel.astype(jnp.float32)
+        val = jnp.mean(_groups(kd * sel, g) / jnp.maximum(1.0, _groups(sel, g)))
+        out[name] = cfg[f"{name}_weight"] * val
+    return out["pos"] + out["neg"], out
