@@ -21,8 +21,7 @@ from jdistill.data import pipeline  # noqa: E402
 from jdistill.models import detector as detector_lib  # noqa: E402
 
 
-def one_step(config, mesh, local_batch, teacher_vars_host):
-    split_classes = 4
+def one_step(config, mesh, local_batch, teacher_vars_host, split_classes):
     canvas = local_batch["image"].shape[1:3]
     student = detector_lib.build(config.model, split_classes)
     teacher = None
@@ -48,8 +47,8 @@ def one_step(config, mesh, local_batch, teacher_vars_host):
 
 
 def main():
-    name = sys.argv[1]
-    config = load_config(name, "runlocal")
+    name, _, arg = sys.argv[1].partition(":")
+    config = load_config(name, ",".join(filter(None, [arg, "runlocal"])))
     assert jax.device_count() == 8, jax.devices()
     split = pipeline.load_split(config.data, "train")
     sampler = pipeline.TrainSampler(split, config.data, config.batch_size, config.seed)
@@ -57,10 +56,11 @@ def main():
     local = {k: local[k] for k in train.DEVICE_KEYS}
     teacher_vars = None
     if train.distill_losses(config):
-        teacher = detector_lib.build(config.teacher.model, 4)
+        teacher = detector_lib.build(config.teacher.model, len(split.class_names))
         teacher_vars = jax.device_get(train.init_variables(teacher, local["image"].shape[1:3], 7))
-    p1, m1 = one_step(config, parallel.make_mesh(jax.devices()[:1]), local, teacher_vars)
-    p8, m8 = one_step(config, parallel.make_mesh(jax.devices()), local, teacher_vars)
+    k = len(split.class_names)
+    p1, m1 = one_step(config, parallel.make_mesh(jax.devices()[:1]), local, teacher_vars, k)
+    p8, m8 = one_step(config, parallel.make_mesh(jax.devices()), local, teacher_vars, k)
     diffs = jax.tree_util.tree_leaves(
         jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8)
     )

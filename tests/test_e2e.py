@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, load_config
+from conftest import REPO, cli_env, load_config, shared_data
 
 from jdistill import checkpoint, demo, train
 
@@ -21,6 +21,18 @@ CONFIGS = [
     "fcos_r50_caffe_coco",
     "fcos_r101_caffe_mstrain_2x_coco",
     "frs_fcos",
+    "faster_rcnn_r50_coco",
+    "faster_rcnn_r101_coco",
+    "frs_faster_rcnn",
+    "defeat_retinanet",
+]
+# Read ../shared/data/raccoon_voc under :runlocal (skipped when it is absent).
+VOC_CONFIGS = [
+    "faster_rcnn_r50_voc",
+    "faster_rcnn_r101_voc",
+    "defeat_faster_rcnn_voc",
+    "defeat_faster_rcnn_voc:paper",
+    "fgfi_faster_rcnn_voc",
 ]
 
 
@@ -29,20 +41,27 @@ def read_metrics(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS + VOC_CONFIGS)
 def test_runlocal_end_to_end(name, tmp_path):
-    config = load_config(name, "runlocal")
+    name, _, arg = name.partition(":")
+    if "voc" in name:
+        shared_data("raccoon_voc")
+    config = load_config(name, ",".join(filter(None, [arg, "runlocal"])))
     final = train.run(config, str(tmp_path))
-    assert set(final) >= {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s"}
+    key = "mAP" if "voc" in name else "bbox_mAP"
+    if "voc" in name:
+        assert set(final) >= {"mAP", "AP50/raccoon"} and 0.0 <= final["mAP"] <= 1.0
+    else:
+        assert set(final) >= {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s"}
     steps = config.schedule.num_steps
     saved = json.loads((tmp_path / "eval" / f"step_{steps}.json").read_text())
-    assert saved["bbox_mAP"] == final["bbox_mAP"]
+    assert saved[key] == final[key]
     assert (tmp_path / "eval" / f"step_{steps}.png").stat().st_size > 0
     rows = read_metrics(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
     assert all(np.isfinite(r["loss"]) for r in train_rows)
-    assert rows[-1]["eval/bbox_mAP"] == final["bbox_mAP"]
+    assert rows[-1][f"eval/{key}"] == final[key]
     assert list((tmp_path / "tensorboard").iterdir())
     if name.startswith("frs"):
         # every distillation term is logged by name from step 1; warm-up makes step 1's zero
@@ -50,6 +69,13 @@ def test_runlocal_end_to_end(name, tmp_path):
         assert train_rows[1]["distill/frs_cls"] > 0
         assert any("teacher_eval/bbox_mAP" in r for r in rows)
         assert (tmp_path / "eval" / "teacher_step_0.json").exists()
+    if name.startswith(("defeat", "fgfi")):
+        terms = [k for k in train_rows[1] if k.startswith("distill/") and k.count("/") == 1]
+        assert terms and all(train_rows[1][k] > 0 for k in terms), train_rows[1]
+        if arg == "paper":
+            assert train_rows[1]["distill/defeat_roi_kd"] > 0
+        if name.startswith("fgfi"):
+            assert train_rows[1]["distill/defeat_neck/bg"] == 0.0
 
 
 @pytest.mark.slow
