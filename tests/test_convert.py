@@ -22,12 +22,15 @@ CASES = [
     ("retinanet", "retina", 50, "pytorch"),
     ("gfl", "gfl", 18, "pytorch"),
     ("fcos", "fcos", 50, "caffe"),
+    ("faster_rcnn", "faster_rcnn", 18, "pytorch"),
 ]
 
 
 def build(family, depth, style, num_classes=3):
     cfg = getattr(config_lib, family)(depth)
     cfg.width, cfg.neck_channels, cfg.stacked_convs, cfg.style = 0.125, 32, 2, style
+    if family == "faster_rcnn":
+        cfg.fc_channels = 32
     return detector.build(cfg, num_classes)
 
 
@@ -57,12 +60,24 @@ def test_converted_model_matches_torch(family, kind, depth, style):
 
     for i, f in enumerate(feats):
         close(taps[f"backbone/c{i + 2}"], nhwc(f), f"c{i + 2}")
+    first = 2 if family == "faster_rcnn" else 3
     for i, p in enumerate(pyramid):
-        close(taps[f"neck/p{i + 3}"], nhwc(p), f"p{i + 3}")
-    names = [k for k in outputs]
+        close(taps[f"neck/p{i + first}"], nhwc(p), f"p{i + first}")
+    names = [k for k in outputs if k != "neck"]
     for lvl, per_level in enumerate(head):
         for name, t in zip(names, per_level, strict=True):
             close(outputs[name][lvl], nhwc(t), f"{name} level {lvl}")
+    if family == "faster_rcnn":
+        # The RoI head on the same pooled features: torch flattens (C, H, W), jdistill (H, W, C)
+        # and the converter reorders shared_fcs.0 to match.
+        pooled = np.random.default_rng(2).normal(size=(5, 32, 7, 7)).astype(np.float32)
+        with torch.no_grad():
+            t_cls, t_reg = model.roi_head.bbox_head(torch.from_numpy(pooled))
+        j_cls, j_reg = det.module.apply(
+            variables, jnp.asarray(pooled.transpose(0, 2, 3, 1)), method=lambda m, x: m.bbox_head(x)
+        )
+        close(j_cls, t_cls.numpy(), "fc_cls")
+        close(j_reg, t_reg.numpy(), "fc_reg")
 
 
 @pytest.mark.parametrize("family,kind,depth,style", CASES)

@@ -185,20 +185,59 @@ class DenseHead(nn.Module):
         return outs
 
 
+class RPNHead(nn.Module):
+    def __init__(self, ch, num_anchors=3):
+        super().__init__()
+        self.rpn_conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(ch, num_anchors, 1)
+        self.rpn_reg = nn.Conv2d(ch, num_anchors * 4, 1)
+
+    def forward(self, feats):
+        outs = []
+        for x in feats:
+            h = F.relu(self.rpn_conv(x))
+            outs.append((self.rpn_cls(h), self.rpn_reg(h)))
+        return outs
+
+
+class Shared2FCBBoxHead(nn.Module):
+    """mmdetection's Shared2FCBBoxHead: flatten (C, H, W), two fcs, fc_cls (K + 1), fc_reg."""
+
+    def __init__(self, ch, fc, num_classes, roi=7):
+        super().__init__()
+        self.shared_fcs = nn.ModuleList([nn.Linear(ch * roi * roi, fc), nn.Linear(fc, fc)])
+        self.fc_cls = nn.Linear(fc, num_classes + 1)
+        self.fc_reg = nn.Linear(fc, 4 * num_classes)
+
+    def forward(self, pooled):
+        x = pooled.flatten(1)
+        for fc in self.shared_fcs:
+            x = F.relu(fc(x))
+        return self.fc_cls(x), self.fc_reg(x)
+
+
 class Detector(nn.Module):
-    def __init__(self, kind, depth, base, style, neck, num_classes, stacked):
+    def __init__(self, kind, depth, base, style, neck, num_classes, stacked, fc=32):
         super().__init__()
         block = BLOCKS[depth][0]
         chans = [base * 2**s * block.expansion for s in range(4)]
-        extra = {"retina": "on_input", "gfl": "on_output", "fcos": "on_output"}[kind]
         self.backbone = ResNet(depth, base, style)
+        self.kind = kind
+        if kind == "faster_rcnn":
+            self.neck = FPN(chans, neck, 0, 5, False, False)
+            self.rpn_head = RPNHead(neck)
+            self.roi_head = nn.Module()
+            self.roi_head.bbox_head = Shared2FCBBoxHead(neck, fc, num_classes)
+            return
+        extra = {"retina": "on_input", "gfl": "on_output", "fcos": "on_output"}[kind]
         self.neck = FPN(chans, neck, 1, 5, extra, kind == "fcos")
         self.bbox_head = DenseHead(kind, num_classes, neck, stacked)
 
     def forward(self, x):
         feats = self.backbone(x)
         pyramid = self.neck(feats)
-        return feats, pyramid, self.bbox_head(pyramid)
+        head = self.rpn_head if self.kind == "faster_rcnn" else self.bbox_head
+        return feats, pyramid, head(pyramid)
 
 
 def randomize(model, seed=0):

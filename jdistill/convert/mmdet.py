@@ -9,6 +9,9 @@ One key table per module family, expressed as rewrite rules on the Flax path:
   heads    bbox_head/cls_convs_0/conv|gn        <-> bbox_head.cls_convs.0.conv|gn (ConvModule)
            bbox_head/retina_cls/conv/kernel     <-> bbox_head.retina_cls.weight (plain Conv2d)
            bbox_head/scales_2                   <-> bbox_head.scales.2.scale
+  Faster   rpn_head/rpn_conv/conv/kernel        <-> rpn_head.rpn_conv.weight
+  R-CNN    bbox_head/shared_fcs_0/kernel        <-> roi_head.bbox_head.shared_fcs.0.weight, its
+           input reordered from torch's (C, H, W) flatten to our channels-last (H, W, C)
 
 Layouts: conv kernels HWIO <-> OIHW, dense kernels (in, out) <-> (out, in). Buffers the Flax
 model does not hold (`num_batches_tracked`, GFL's `integral.project`) are checked on import and
@@ -34,7 +37,10 @@ LEGACY_RENAMES = {
     "bbox_head.fcos_reg.": "bbox_head.conv_reg.",
     "bbox_head.fcos_centerness.": "bbox_head.conv_centerness.",
 }
+# Faster R-CNN's RoI head lives under `roi_head.` in mmdetection.
+ROI_HEAD_CHILDREN = re.compile(r"^(shared_fcs_\d+|fc_cls|fc_reg)$")
 CLASSIFIERS = (
+    "roi_head.bbox_head.fc_cls.weight",
     "bbox_head.retina_cls.weight",
     "bbox_head.gfl_cls.weight",
     "bbox_head.conv_cls.weight",
@@ -53,7 +59,7 @@ def _module_name(part):
         return "downsample.0"
     if part == "downsample_bn":
         return "downsample.1"
-    m = CONV_MODULE_RE.match(part)
+    m = CONV_MODULE_RE.match(part) or re.match(r"^(shared_fcs)_(\d+)$", part)
     if m:
         return f"{m.group(1)}.{m.group(2)}"
     return part
@@ -88,22 +94,38 @@ def torch_key(collection, path):
         leaf_name = "weight"
     else:
         leaf_name = leaf
+    if len(mods) > 1 and mods[0] == "bbox_head" and ROI_HEAD_CHILDREN.match(mods[1]):
+        names.insert(0, "roi_head")
     return ".".join([*names, leaf_name])
 
 
-def _to_torch_layout(x, leaf):
+# RoI features are 7 x 7: the first fc's input is (C, H, W) in torch, (H, W, C) here.
+ROI_CELLS = 49
+
+
+def _to_torch_layout(x, path):
     x = np.asarray(x)
+    leaf = path[-1]
     if leaf == "kernel" and x.ndim == 4:
         return x.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if leaf == "kernel" and x.ndim == 2 and path[-2] == "shared_fcs_0":
+        fc = x.shape[1]
+        return x.T.reshape(fc, 7, 7, -1).transpose(0, 3, 1, 2).reshape(fc, -1)
     if leaf == "kernel" and x.ndim == 2:
         return x.T  # (in, out) -> (out, in)
     return x
 
 
-def _to_flax_layout(x, leaf):
+def _to_flax_layout(x, path):
     x = np.asarray(x)
+    leaf = path[-1]
     if leaf == "kernel" and x.ndim == 4:
         return x.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if leaf == "kernel" and x.ndim == 2 and path[-2] == "shared_fcs_0":
+        if x.shape[1] % ROI_CELLS:
+            return x.T  # not 7 x 7 RoI features: the shape check reports it
+        fc = x.shape[0]
+        return x.reshape(fc, -1, 7, 7).transpose(2, 3, 1, 0).reshape(-1, fc)
     if leaf == "kernel" and x.ndim == 2:
         return x.T
     return x
@@ -146,7 +168,7 @@ def to_mmdet(variables, family):
     sd = collections.OrderedDict()
     for coll in ("params", "batch_stats"):
         for path, x in _leaves(variables.get(coll, {})):
-            sd[torch_key(coll, path)] = _to_torch_layout(x, path[-1])
+            sd[torch_key(coll, path)] = _to_torch_layout(x, path)
     sd.update(_buffers(variables, family))
     return sd
 
@@ -157,7 +179,7 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     Args:
       state_dict: {key: array} (numpy or torch tensors), optionally with a `module.` prefix.
       expected: the model's {'params', 'batch_stats'} (arrays or ShapeDtypeStructs).
-      family: 'retinanet', 'gfl' or 'fcos' (which buffers to expect).
+      family: 'retinanet', 'gfl', 'fcos' or 'faster_rcnn' (which buffers to expect).
       skip: regexes of torch keys that may be missing, extra or mis-shaped (those keep the
         value in `expected`).
       what: names the source in errors.
@@ -195,9 +217,9 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     for key, (coll, path) in table.items():
         ref = _leaf(expected, coll, path)
         if key in sd and not skipped(key):
-            x = _to_flax_layout(sd[key], path[-1])
+            x = _to_flax_layout(sd[key], path)
             if tuple(x.shape) != tuple(ref.shape):
-                want = _to_torch_layout(np.zeros(ref.shape), path[-1]).shape
+                want = _to_torch_layout(np.zeros(ref.shape), path).shape
                 shapes.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {tuple(want)}")
                 continue
             value = x.astype(ref.dtype)
