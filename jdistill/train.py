@@ -57,8 +57,20 @@ def check_config(config):
     if distill and distill.get("losses"):
         if not teacher:
             raise ValueError("config.distill has losses but config.teacher is not set")
+        if teacher.model.family != config.model.family:
+            raise ValueError(
+                f"teacher family {teacher.model.family!r} differs from the student's "
+                f"{config.model.family!r}: the distillers compare their taps level by level"
+            )
         for name, lcfg in distill.losses.items():
             entry = registry.get(lcfg.fn)
+            if entry.teacher_roi_head and config.model.family != "faster_rcnn":
+                raise ValueError(f"distill.losses.{name} ({lcfg.fn}) needs a two-stage detector")
+            if lcfg.fn == "defeat_dense_kd" and config.model.family != "retinanet":
+                raise ValueError(
+                    f"distill.losses.{name} (defeat_dense_kd) reads RetinaNet's anchor "
+                    f"assignment; the student is {config.model.family!r}"
+                )
             if entry.uses_adapter and lcfg.get("adapter") not in adapter_lib.KERNELS:
                 raise ValueError(
                     f"distill.losses.{name}.adapter must be one of {sorted(adapter_lib.KERNELS)}"

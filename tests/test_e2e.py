@@ -132,6 +132,21 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert checkpoint.manager(str(tmp_path / "checkpoints")).latest_step() is None
 
 
+def test_mismatched_distillation_setups_are_refused():
+    config = load_config("defeat_retinanet", "runlocal")
+    config.unlock()
+    config.teacher.model.family = "gfl"
+    with pytest.raises(ValueError, match="teacher family 'gfl' differs"):
+        train.check_config(config)
+    config = load_config("frs_faster_rcnn", "runlocal")
+    config.unlock()
+    config.distill.losses.kd = dict(
+        fn="defeat_dense_kd", weight=1.0, pos_weight=1.0, neg_weight=1.0
+    )
+    with pytest.raises(ValueError, match="RetinaNet's anchor assignment"):
+        train.check_config(config)
+
+
 def test_distillation_without_teacher_is_refused():
     config = load_config("frs_retinanet")
     with pytest.raises(ValueError, match="teacher.init is empty"):
