@@ -188,6 +188,39 @@ def rpn_proposals(
     return boxes[keep], jnp.where(valid, scores[keep], 0.0), valid
 
 
+def assign_and_sample(
+    key,
+    priors,
+    prior_valid,
+    gts,
+    gt_valid,
+    pos_iou,
+    neg_iou,
+    min_pos_iou,
+    low_quality,
+    num,
+    pos_fraction,
+):
+    """MaxIoUAssigner then RandomSampler for one image.
+
+    Returns (assigned [P] as `max_iou_assign`, and `random_sample`'s idx, is_pos, valid [num]).
+    """
+    assigned, _ = assign_ops.max_iou_assign(
+        priors,
+        prior_valid,
+        gts,
+        gt_valid,
+        pos_iou_thr=pos_iou,
+        neg_iou_thr=neg_iou,
+        min_pos_iou=min_pos_iou,
+        match_low_quality=low_quality,
+    )
+    idx, is_pos, ok = sampling.random_sample(
+        key, assigned > 0, assigned == 0, num=num, pos_fraction=pos_fraction
+    )
+    return assigned, idx, is_pos, ok
+
+
 class FasterRCNN:
     """The Faster R-CNN detector: module plus targets, sampling, losses and test-time decode.
 
@@ -206,18 +239,12 @@ class FasterRCNN:
         self.num_anchors = len(self.ratios)
         self.module = FasterRCNNModule(
             num_classes,
-            depth=cfg.depth,
-            style=cfg.style,
-            frozen_stages=cfg.frozen_stages,
-            width=cfg.width,
-            norm_eval=cfg.norm_eval,
-            neck_channels=cfg.neck_channels,
             fc_channels=cfg.fc_channels,
             num_anchors=self.num_anchors,
             roi_output_size=cfg.roi_output_size,
             roi_sampling_ratio=cfg.roi_sampling_ratio,
             roi_aligned=cfg.roi_aligned,
-            dtype=jnp.dtype(cfg.dtype),
+            **dense.backbone_kwargs(cfg),
         )
 
     def priors(self, canvas_hw):
@@ -282,18 +309,18 @@ class FasterRCNN:
         gt_valid = dense.DenseDetector.gt_valid(batch)
 
         def one(key, v, gts, gv, c, d):
-            assigned, _ = assign_ops.max_iou_assign(
+            assigned, idx, is_pos, ok = assign_and_sample(
+                key,
                 anchors,
                 v,
                 gts,
                 gv,
-                pos_iou_thr=cfg.rpn_pos_iou,
-                neg_iou_thr=cfg.rpn_neg_iou,
-                min_pos_iou=cfg.rpn_min_pos_iou,
-                match_low_quality=True,
-            )
-            idx, is_pos, ok = sampling.random_sample(
-                key, assigned > 0, assigned == 0, num=cfg.rpn_num, pos_fraction=cfg.rpn_pos_fraction
+                cfg.rpn_pos_iou,
+                cfg.rpn_neg_iou,
+                cfg.rpn_min_pos_iou,
+                True,
+                cfg.rpn_num,
+                cfg.rpn_pos_fraction,
             )
             bce = det_losses.bce_with_logits(c[idx], is_pos.astype(jnp.float32)) * ok
             gt = gts[jnp.maximum(assigned[idx] - 1, 0)]
@@ -327,18 +354,9 @@ class FasterRCNN:
         def one(key, props, pv, gts, gv, labels):
             cands = jnp.concatenate([gts, props])
             cv = jnp.concatenate([gv, pv])
-            assigned, _ = assign_ops.max_iou_assign(
-                cands,
-                cv,
-                gts,
-                gv,
-                pos_iou_thr=cfg.roi_pos_iou,
-                neg_iou_thr=cfg.roi_pos_iou,
-                min_pos_iou=cfg.roi_pos_iou,
-                match_low_quality=False,
-            )
-            idx, is_pos, ok = sampling.random_sample(
-                key, assigned > 0, assigned == 0, num=cfg.roi_num, pos_fraction=cfg.roi_pos_fraction
+            thr = cfg.roi_pos_iou
+            assigned, idx, is_pos, ok = assign_and_sample(
+                key, cands, cv, gts, gv, thr, thr, thr, False, cfg.roi_num, cfg.roi_pos_fraction
             )
             gt_idx = jnp.maximum(assigned[idx] - 1, 0)
             rois = cands[idx]
