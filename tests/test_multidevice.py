@@ -9,9 +9,7 @@ from conftest import REPO, cli_env, shared_data
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["frs_retinanet", "frs_gfl", "frs_faster_rcnn", "defeat_faster_rcnn_voc:paper"]
-)
+@pytest.mark.parametrize("name", ["frs_retinanet", "frs_gfl", "defeat_faster_rcnn_voc:paper"])
 def test_eight_devices_give_the_same_loss_and_gradients(name):
     if "voc" in name:
         shared_data("raccoon_voc")
@@ -42,12 +40,10 @@ def test_eight_devices_give_the_same_loss_and_gradients(name):
         "frs_retinanet",
         "frs_gfl",
         "frs_fcos",
-        "faster_rcnn_r50_coco",
-        "faster_rcnn_r101_coco",
+        # The plain faster_rcnn_* configs run the same code as these (minus the distillers);
+        # they are left out to keep the suite within its time budget.
         "frs_faster_rcnn",
         "defeat_retinanet",
-        "faster_rcnn_r50_voc",
-        "faster_rcnn_r101_voc",
         "defeat_faster_rcnn_voc:paper",
         "fgfi_faster_rcnn_voc",
     ],
