@@ -276,6 +276,8 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
         "image_valid": jnp.ones(n, bool),
         "pad_shape": jnp.asarray([[96, 128]] * n),
     }
+    s_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, s, strict=True)}
+    t_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, t, strict=True)}
     for decoupled in (True, False):
         cfg = ml_collections.ConfigDict(
             dict(
@@ -290,22 +292,10 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
                 roi_phi=0.5,
             )
         )
-        got, _ = defeat.defeat_neck(
-            {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, s, strict=True)},
-            {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, t, strict=True)},
-            targets,
-            adapter,
-            cfg=cfg,
-        )
+        got, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg)
         want = _ref_neck_loss(s, t, ref_masks, decoupled)
         assert float(got) == pytest.approx(want, rel=1e-5), (mask, decoupled)
     # Our default leaves the padding (beyond the 96 x 128 padded image) out of the background.
     cfg.update(count_padding=False, decoupled=True)
-    ours, _ = defeat.defeat_neck(
-        {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, s, strict=True)},
-        {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, t, strict=True)},
-        targets,
-        adapter,
-        cfg=cfg,
-    )
+    ours, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg)
     assert float(ours) != pytest.approx(_ref_neck_loss(s, t, ref_masks, True), rel=1e-3)

@@ -7,7 +7,7 @@ import pytest
 
 from jdistill import config_lib
 from jdistill.models import detector as detector_lib
-from jdistill.models import faster_rcnn
+from jdistill.models import rpn
 
 
 def test_proposals_have_fixed_shape_and_per_level_nms():
@@ -16,7 +16,7 @@ def test_proposals_have_fixed_shape_and_per_level_nms():
     cls = [jnp.asarray([3.0, 2.0, 5.0]), jnp.asarray([1.0])]
     deltas = [jnp.zeros((3, 4)), jnp.zeros((1, 4))]
     boxes, scores, valid = jax.jit(
-        lambda c, d: faster_rcnn.rpn_proposals(
+        lambda c, d: rpn.rpn_proposals(
             c, d, [a0, a1], jnp.asarray([8, 9]), nms_pre=3, max_num=4, iou_threshold=0.7
         )
     )(cls, deltas)

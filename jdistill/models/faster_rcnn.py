@@ -11,6 +11,7 @@
 - Test: 1000 proposals, softmax scores, per-class boxes, class-wise NMS 0.5 over pairs with
   score > 0.05, 100 kept.
 
+The RPN head, the proposal step and the assign-then-sample step live in `models/rpn.py`.
 Losses are normalised per group of `loss_group_size` images (mmdetection's per-GPU
 normalisers), as the dense detectors do. The module's `__call__` runs backbone, FPN and RPN
 (taps `head/cls_logits/p{l}` are the RPN objectness logits, which FRS reads); the RoI head is
@@ -23,36 +24,15 @@ import numpy as np
 from flax import linen as nn
 
 from jdistill.losses import detection as det_losses
-from jdistill.models import dense, layers
+from jdistill.models import dense, layers, rpn
 from jdistill.models import fpn as fpn_lib
 from jdistill.models import resnet as resnet_lib
 from jdistill.ops import anchors as anchor_ops
-from jdistill.ops import assign as assign_ops
 from jdistill.ops import boxes as box_ops
 from jdistill.ops import nms as nms_ops
 from jdistill.ops import roi_align as roi_ops
-from jdistill.ops import sampling
 
 ROI_STDS = (0.1, 0.1, 0.2, 0.2)
-
-
-class RPNHead(nn.Module):
-    """`rpn_conv` 3x3 + ReLU, then `rpn_cls` (A objectness logits) and `rpn_reg` (4A deltas)."""
-
-    num_anchors: int = 3
-    feat_channels: int = 256
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        """x: [N, H, W, C] -> (cls [N, H, W, A], deltas [N, H, W, 4A]) float32."""
-        conv = lambda f, k, name: layers.Conv(  # noqa: E731
-            f, k, kernel_init=layers.normal_001, dtype=self.dtype, name=name
-        )
-        h = nn.relu(conv(self.feat_channels, 3, "rpn_conv")(x))
-        cls = conv(self.num_anchors, 1, "rpn_cls")(h)
-        reg = conv(self.num_anchors * 4, 1, "rpn_reg")(h)
-        return cls.astype(jnp.float32), reg.astype(jnp.float32)
 
 
 class Shared2FCHead(nn.Module):
@@ -106,7 +86,7 @@ class FasterRCNNModule(nn.Module):
         self.neck = fpn_lib.FPN(
             self.neck_channels, start_level=0, num_outs=5, add_extra_convs=False, dtype=self.dtype
         )
-        self.rpn_head = RPNHead(self.num_anchors, self.neck_channels, self.dtype)
+        self.rpn_head = rpn.RPNHead(self.num_anchors, self.neck_channels, self.dtype)
         self.bbox_head = Shared2FCHead(self.num_classes, self.fc_channels, self.dtype)
 
     def __call__(self, images, train=False):
@@ -153,72 +133,6 @@ class FasterRCNNModule(nn.Module):
             )
         )(tuple(neck[:4]), rois)
         return self.bbox_head(pooled.astype(self.dtype))
-
-
-def rpn_proposals(
-    cls_levels, delta_levels, anchor_levels, img_shape, *, nms_pre, max_num, iou_threshold
-):
-    """mmdetection's RPN `_get_bboxes_single` for one image, fixed size.
-
-    Args:
-      cls_levels: per level [A_l] objectness logits; delta_levels: per level [A_l, 4].
-      anchor_levels: per level [A_l, 4] anchors.
-      img_shape: [2] (height, width) of the resized image (boxes are clipped to it).
-      nms_pre: anchors kept per level before NMS; max_num: proposals kept after it.
-      iou_threshold: the NMS IoU (0.7), within each level.
-    Returns:
-      boxes [max_num, 4], scores [max_num] (sigmoid; 0 where invalid), valid [max_num] bool.
-    """
-    boxes, scores, ids = [], [], []
-    for lvl, (cls, deltas, anchors) in enumerate(
-        zip(cls_levels, delta_levels, anchor_levels, strict=True)
-    ):
-        k = min(nms_pre, cls.shape[0])
-        top, idx = jax.lax.top_k(cls, k)
-        b = box_ops.decode_deltas(anchors[idx], deltas[idx], max_shape=img_shape)
-        ok = (b[:, 2] - b[:, 0] > 0) & (b[:, 3] - b[:, 1] > 0)  # min_bbox_size 0, strict
-        boxes.append(b)
-        scores.append(jnp.where(ok, jax.nn.sigmoid(top), -jnp.inf))
-        ids.append(jnp.full((k,), lvl, jnp.int32))
-    boxes = jnp.concatenate(boxes)
-    scores = jnp.concatenate(scores)
-    keep, valid = nms_ops.batched_nms(
-        boxes, scores, jnp.concatenate(ids), iou_threshold=iou_threshold, max_output=max_num
-    )
-    return boxes[keep], jnp.where(valid, scores[keep], 0.0), valid
-
-
-def assign_and_sample(
-    key,
-    priors,
-    prior_valid,
-    gts,
-    gt_valid,
-    pos_iou,
-    neg_iou,
-    min_pos_iou,
-    low_quality,
-    num,
-    pos_fraction,
-):
-    """MaxIoUAssigner then RandomSampler for one image.
-
-    Returns (assigned [P] as `max_iou_assign`, and `random_sample`'s idx, is_pos, valid [num]).
-    """
-    assigned, _ = assign_ops.max_iou_assign(
-        priors,
-        prior_valid,
-        gts,
-        gt_valid,
-        pos_iou_thr=pos_iou,
-        neg_iou_thr=neg_iou,
-        min_pos_iou=min_pos_iou,
-        match_low_quality=low_quality,
-    )
-    idx, is_pos, ok = sampling.random_sample(
-        key, assigned > 0, assigned == 0, num=num, pos_fraction=pos_fraction
-    )
-    return assigned, idx, is_pos, ok
 
 
 class FasterRCNN:
@@ -275,7 +189,7 @@ class FasterRCNN:
         )
 
         def one(c, d, img_shape):
-            return rpn_proposals(
+            return rpn.rpn_proposals(
                 [x[:, 0] for x in c],
                 d,
                 anchors,
@@ -309,7 +223,7 @@ class FasterRCNN:
         gt_valid = dense.DenseDetector.gt_valid(batch)
 
         def one(key, v, gts, gv, c, d):
-            assigned, idx, is_pos, ok = assign_and_sample(
+            assigned, idx, is_pos, ok = rpn.assign_and_sample(
                 key,
                 anchors,
                 v,
@@ -355,7 +269,7 @@ class FasterRCNN:
             cands = jnp.concatenate([gts, props])
             cv = jnp.concatenate([gv, pv])
             thr = cfg.roi_pos_iou
-            assigned, idx, is_pos, ok = assign_and_sample(
+            assigned, idx, is_pos, ok = rpn.assign_and_sample(
                 key, cands, cv, gts, gv, thr, thr, thr, False, cfg.roi_num, cfg.roi_pos_fraction
             )
             gt_idx = jnp.maximum(assigned[idx] - 1, 0)
