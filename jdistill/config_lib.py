@@ -151,6 +151,9 @@ def coco_data(root="", builder="coco_folder"):
             canvases=((800, 1344), (1344, 800)),  # (H, W) of the fixed input shapes
             flip_ratio=0.5,
             max_boxes=100,
+            # A damaged (e.g. truncated) image: decoded tolerantly with a warning naming it, as
+            # OpenCV does (False), or refused with an error naming it (True).
+            strict_images=False,
             num_workers=8,
             prefetch=4,
         )

@@ -187,7 +187,12 @@ def test_annotation_filter_follows_mmdetection():
         {"id": 5, "bbox": [1, 2, 3, 4], "category_id": 7, "area": 12, "iscrowd": 1},
     ]
     obj, skipped = coco_folder.convert_annotations(anns, 40, 40, {5: 0, 7: 1}, "x.jpg")
-    assert skipped == 3
+    assert [s.split(":")[-1].strip() for s in skipped] == [
+        "w < 1 or h < 1",
+        "no overlap with the image",
+        "area <= 0",
+    ]
+    assert skipped[0].startswith("x.jpg annotation 2 bbox [0.0, 0.0, 0.5, 10.0]")
     np.testing.assert_allclose(obj["bbox"], [[0, 0, 10, 10], [1, 2, 4, 6]])
     np.testing.assert_array_equal(obj["label"], [0, 1])
     np.testing.assert_array_equal(obj["is_crowd"], [False, True])

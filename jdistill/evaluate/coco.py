@@ -1,13 +1,16 @@
 """COCO box mAP with pycocotools, reported under mmdetection's names.
 
-The ground truth is built from the evaluated split itself (original-image boxes, COCO `area`
-and `iscrowd`), so one code path serves COCO folders, the official COCO builder and the
-synthetic set. Detections arrive as fixed-size device outputs and are filtered by their
-`valid` masks here, on the host.
+For a COCO folder the ground truth is its raw annotation file, as mmdetection's `CocoDataset`
+evaluates: every image of the split (those without annotations too) and every annotation, the
+ones training skips included. Otherwise it is built from the evaluated split itself
+(original-image boxes, `area` and `iscrowd`): the official COCO builder and the synthetic set.
+Only the split's images are evaluated (`eval_max_images` takes the first N). Detections arrive
+as fixed-size device outputs and are filtered by their `valid` masks here, on the host.
 """
 
 import contextlib
 import io
+import json
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -17,7 +20,9 @@ METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mA
 
 
 def ground_truth(split):
-    """A pycocotools COCO object for a `pipeline.Split`."""
+    """A pycocotools COCO object for a `pipeline.Split` (its raw annotation file if any)."""
+    if getattr(split, "ann_file", None):
+        return _raw_ground_truth(split.ann_file, split.image_ids)
     images, anns = [], []
     for i in range(len(split)):
         img_id = int(split.image_ids[i])
@@ -44,6 +49,22 @@ def ground_truth(split):
     ]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": cats}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _raw_ground_truth(ann_file, image_ids):
+    """COCO(ann_file) as pycocotools loads it, restricted to `image_ids` when they are fewer
+    (`eval_max_images`, or images preparation could not decode)."""
+    with open(ann_file) as f:
+        data = json.load(f)
+    keep = {int(i) for i in image_ids}
+    if len(keep) < len(data["images"]):
+        data["images"] = [im for im in data["images"] if im["id"] in keep]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -78,9 +99,10 @@ def to_results(dets, image_ids, image_valid, category_ids):
     return out
 
 
-def evaluate(gt, results):
+def evaluate(gt, results, image_ids=None):
     """COCOeval bbox. -> (dict of METRIC_NAMES -> float, the printed summary).
 
+    `image_ids` restricts the evaluation to those images (default: every image of `gt`).
     A metric is -1 where its area range has no ground truth (COCOeval's convention).
     """
     if not results:
@@ -89,6 +111,8 @@ def evaluate(gt, results):
     with contextlib.redirect_stdout(buf):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(int(i) for i in image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

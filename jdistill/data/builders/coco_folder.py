@@ -5,8 +5,13 @@ Layout: `<root>/<split_dir>/*.jpg` and `<root>/annotations/instances_<split_dir>
 full COCO 2017 download). Annotations follow mmdetection's `CocoDataset` rules
 (`specs/detectors.md` §1.1 step 7): boxes [x, y, x + w, y + h] (no -1), labels 0..K-1 in the
 order of sorted category ids, and annotations with area <= 0, w < 1, h < 1 or no overlap with the
-image are skipped (and counted). Crowd boxes are kept with `is_crowd` for evaluation.
-JPEG bytes are stored as they are, never re-encoded.
+image are skipped, counted and named in the log. Crowd boxes are kept with `is_crowd` for
+evaluation. Images without any usable box are kept (evaluation counts them; the training
+sampler skips them, as mmdetection's `filter_empty_gt`).
+
+Every image is decoded at preparation, as training will decode it (`data/decode.py`): JPEG
+bytes are stored as they are; a damaged file is stored as the PNG of its tolerant decode (with a
+warning naming it) or refused (`strict_images`); an undecodable one is skipped and counted.
 """
 
 import hashlib
@@ -16,8 +21,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
 
+from jdistill.data import decode
 from jdistill.data.builders import features
 
 DEFAULT_SPLITS = {"train": "train2017", "validation": "val2017"}
@@ -51,28 +56,45 @@ def read_annotations(ann_file):
     return data, [c["id"] for c in cats], [c["name"] for c in cats]
 
 
+def skip_reason(x, y, w, h, area, height, width):
+    """Why mmdetection's `_parse_ann_info` drops a box, or '' when it keeps it."""
+    inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
+    inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
+    if inter_w * inter_h == 0:
+        return "no overlap with the image"
+    if area <= 0:
+        return "area <= 0"
+    if w < 1 or h < 1:
+        return "w < 1 or h < 1"
+    return ""
+
+
 def convert_annotations(anns, height, width, cat_to_label, source):
-    """mmdetection's `_parse_ann_info`, plus crowd flags. -> (objects dict, skipped count)."""
+    """mmdetection's `_parse_ann_info`, plus crowd flags.
+
+    Returns (objects dict, skipped): `skipped` lists one line per dropped annotation naming
+    `source`, the annotation id, its box and why.
+    """
     boxes, labels, areas, crowd = [], [], [], []
-    skipped = 0
+    skipped = []
     for ann in anns:
         try:
             x, y, w, h = (float(v) for v in ann["bbox"])
             cat = ann["category_id"]
+            area = float(ann.get("area", w * h))
         except (KeyError, TypeError, ValueError) as e:
             raise CocoFolderError(f"{source}: malformed annotation {ann.get('id')}: {e}") from e
         if cat not in cat_to_label:
             raise CocoFolderError(
                 f"{source}: annotation {ann.get('id')} has unknown category {cat}"
             )
-        inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
-        inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
-        if inter_w * inter_h == 0 or ann.get("area", w * h) <= 0 or w < 1 or h < 1:
-            skipped += 1
+        reason = skip_reason(x, y, w, h, area, height, width)
+        if reason:
+            skipped.append(f"{source} annotation {ann.get('id')} bbox {[x, y, w, h]}: {reason}")
             continue
         boxes.append([x, y, x + w, y + h])
         labels.append(cat_to_label[cat])
-        areas.append(float(ann.get("area", w * h)))
+        areas.append(area)
         crowd.append(bool(ann.get("iscrowd", 0)))
     objects = {
         "bbox": np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -83,29 +105,19 @@ def convert_annotations(anns, height, width, cat_to_label, source):
     return objects, skipped
 
 
-def _check_image(path, height, width):
-    """Raises CocoFolderError naming `path` if it is unreadable or not the size the JSON says."""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except (OSError, SyntaxError) as e:
-        raise CocoFolderError(f"unreadable image {path}: {e}") from e
-    if size != (width, height):
-        raise CocoFolderError(
-            f"{path} is {size[0]}x{size[1]} but its annotation says {width}x{height}"
-        )
-
-
 class CocoFolder(tfds.core.GeneratorBasedBuilder):
     """A COCO-layout folder as a tfds data set (array_record)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Images decoded at preparation; file_name and image_note features.",
+    }
 
-    def __init__(self, *, root, splits=None, **kwargs):
+    def __init__(self, *, root, splits=None, strict_images=False, **kwargs):
         self._root = os.path.abspath(root)
         self._splits = dict(splits or DEFAULT_SPLITS)
+        self._strict = bool(strict_images)
         if not os.path.isdir(self._root):
             raise CocoFolderError(f"COCO folder not found: {self._root}")
         first = self._ann_file(next(iter(self._splits.values())))
@@ -119,7 +131,12 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     def _info(self):
         return self.dataset_info_from_configs(
             features=features.feature_dict(self._names, "jpeg"),
-            metadata=tfds.core.MetadataDict(category_ids=self._cat_ids, root=self._root),
+            metadata=tfds.core.MetadataDict(
+                category_ids=self._cat_ids,
+                root=self._root,
+                # evaluation reads the raw annotation file, as mmdetection's CocoDataset does
+                ann_files={k: self._ann_file(d) for k, d in self._splits.items()},
+            ),
             description=__doc__,
         )
 
@@ -136,25 +153,55 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         by_image = {}
         for ann in data["annotations"]:
             by_image.setdefault(ann.get("image_id"), []).append(ann)
-        total_skipped = 0
+        skipped, bad_images, empty = [], [], 0
         for img in data["images"]:
-            path = os.path.join(self._root, split_dir, img["file_name"])
+            try:
+                name, height, width = img["file_name"], int(img["height"]), int(img["width"])
+                image_id = int(img["id"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CocoFolderError(f"{ann_file}: malformed image entry {img}: {e}") from e
+            path = os.path.join(self._root, split_dir, name)
             if not os.path.isfile(path):
-                raise CocoFolderError(f"{ann_file}: image {img['id']} file not found: {path}")
-            _check_image(path, img["height"], img["width"])
-            objects, skipped = convert_annotations(
-                by_image.get(img["id"], []), img["height"], img["width"], cat_to_label, path
+                raise CocoFolderError(f"{ann_file}: image {image_id} file not found: {path}")
+            try:
+                image, note, _ = features.prepare_image(
+                    path, strict=self._strict, height=height, width=width
+                )
+            except decode.ImageDecodeError as e:
+                if self._strict:
+                    raise
+                bad_images.append(str(e))  # undecodable: skipped and counted
+                continue
+            except features.ImageSizeError as e:
+                raise CocoFolderError(f"{e} (in {ann_file})") from e
+            objects, dropped = convert_annotations(
+                by_image.get(image_id, []), height, width, cat_to_label, path
             )
-            total_skipped += skipped
+            skipped += dropped
+            empty += len(objects["label"]) == 0
             yield (
-                img["id"],
+                image_id,
                 {
-                    "image": path,
-                    "image_id": img["id"],
-                    "height": img["height"],
-                    "width": img["width"],
+                    "image": image,
+                    "image_id": image_id,
+                    "height": height,
+                    "width": width,
+                    "file_name": os.path.join(split_dir, name),
+                    "image_note": note,
+                    "skipped_boxes": "\n".join(dropped),
                     "objects": objects,
                 },
             )
-        if total_skipped:
-            logging.warning("%s: skipped %d unusable annotations", ann_file, total_skipped)
+        if bad_images and len(bad_images) == len(data["images"]):
+            raise CocoFolderError(
+                f"{ann_file}: no image could be decoded; the first: {bad_images[0]}"
+            )
+        features.log_skipped(f"unusable annotations in {ann_file}", skipped)
+        features.log_skipped(f"undecodable images of {ann_file}", bad_images)
+        if empty:
+            logging.info(
+                "%s: %d images have no usable box (kept: evaluation counts them; training "
+                "skips them)",
+                ann_file,
+                empty,
+            )

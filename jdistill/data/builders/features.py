@@ -4,6 +4,10 @@ One example:
   image:     [H, W, 3] uint8 RGB
   image_id:  int64 (the COCO image id, or the index for synthetic data)
   height, width: int32 original size (readable without decoding the image)
+  file_name: the image file, relative to the data set root (named in warnings and errors)
+  image_note: '' for a clean image, else the one-line warning of a tolerant decode (the image
+             is then stored re-encoded as PNG: the pixels that tolerant decode gave)
+  skipped_boxes: one line per annotation preparation skipped (unusable box) and why, or ''
   objects:   sequence of {bbox: [4] float32 (x1, y1, x2, y2) original-image pixels,
              label: class index 0..K-1, area: float32 (COCO's area, used for S/M/L),
              is_crowd: bool (crowd boxes are never trained on; COCOeval ignores them),
@@ -15,6 +19,9 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+
+from jdistill.data import decode
 
 
 def feature_dict(class_names, image_format, difficult=False):
@@ -36,6 +43,9 @@ def feature_dict(class_names, image_format, difficult=False):
             "image_id": np.int64,
             "height": np.int32,
             "width": np.int32,
+            "file_name": tfds.features.Text(),
+            "image_note": tfds.features.Text(),
+            "skipped_boxes": tfds.features.Text(),
             "objects": tfds.features.Sequence(objects),
         }
     )
@@ -46,3 +56,48 @@ def default_data_dir(data_dir=None):
     return (
         data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
     )
+
+
+class ImageSizeError(ValueError):
+    """An image whose decoded size differs from its annotation's; names the file."""
+
+
+def prepare_image(path, *, strict, height=None, width=None):
+    """Reads and decodes one image file at preparation, exactly as training will decode it.
+
+    Args:
+      path: the image file.
+      strict: `data.strict_images`: refuse a damaged file instead of decoding it tolerantly.
+      height, width: the size the annotation gives, checked against the decoded image.
+    Returns:
+      (bytes to store, note, (height, width) decoded): the file's own bytes for a clean image;
+      for a damaged one decoded tolerantly, the PNG of the decoded pixels and the warning
+      (logged here, naming the file).
+    Raises:
+      decode.ImageDecodeError when the file cannot be decoded (or, strictly, is damaged);
+      ImageSizeError when its size differs from (height, width).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise decode.ImageDecodeError(f"{path}: unreadable ({e.strerror or e})") from e
+    image, note = decode.decode(data, name=path, strict=strict)
+    if height is not None and image.shape[:2] != (height, width):
+        raise ImageSizeError(
+            f"{path} is {image.shape[1]}x{image.shape[0]} but its annotation says {width}x{height}"
+        )
+    if note:
+        logging.warning("%s", note)
+        data = decode.encode_png(image)
+    return data, note, image.shape[:2]
+
+
+def log_skipped(what, items, total=None, first=5):
+    """One warning for skipped things: how many, and the first few named."""
+    if not items:
+        return
+    total = len(items) if total is None else total
+    shown = "; ".join(str(x) for x in items[:first])
+    more = f" (and {total - first} more)" if total > first else ""
+    logging.warning("skipped %d %s: %s%s", total, what, shown, more)

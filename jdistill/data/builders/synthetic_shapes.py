@@ -80,8 +80,8 @@ def make_example(index, split):
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     """Coloured shapes on textured backgrounds; 4 classes; 2000 train / 200 validation."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "file_name and image_note features."}
 
     def _info(self):
         return self.dataset_info_from_configs(
@@ -104,6 +104,9 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                     "image_id": i,
                     "height": image.shape[0],
                     "width": image.shape[1],
+                    "file_name": f"{split}/{i:05d}.png",
+                    "image_note": "",
+                    "skipped_boxes": "",
                     "objects": objects,
                 },
             )

@@ -8,7 +8,9 @@ Boxes: VOC writes 1-based pixel corners; like tfds' `voc` builder and the DeFeat
 mmdetection (v2.0), 1 is subtracted from every coordinate. Difficult objects are kept with
 `is_difficult`: the training pipeline drops them (the reference never collects
 `bboxes_ignore`) and the VOC evaluation ignores them. Class names: the 20 VOC classes when every
-name in the annotations is one of them, otherwise the sorted names found (e.g. `raccoon`).
+name in the annotations is one of them, otherwise the sorted names found (e.g. `raccoon`); a
+name found in a single file is warned about (a misspelling?). Inverted or empty boxes are
+skipped, counted and named in the log. Images are decoded at preparation as in `coco_folder`.
 Image ids: year index * 10^7 + position in the set file. JPEG bytes are stored unchanged.
 """
 
@@ -17,7 +19,9 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
+from jdistill.data import decode
 from jdistill.data.builders import coco_folder, features
 
 VOC_CLASSES = (
@@ -41,7 +45,10 @@ def set_ids(root, year, image_set):
 
 
 def parse_annotation(path):
-    """One VOC XML -> (height, width, [(name, [x1, y1, x2, y2] 0-based, difficult)])."""
+    """One VOC XML -> (height, width, [(name, [x1, y1, x2, y2] 0-based, difficult)]).
+
+    height and width are None when the XML has no usable `size` (the image then gives it).
+    """
     try:
         tree = ET.parse(path)
     except FileNotFoundError as e:
@@ -51,8 +58,12 @@ def parse_annotation(path):
     root = tree.getroot()
     try:
         size = root.find("size")
-        height = int(size.find("height").text)
-        width = int(size.find("width").text)
+        height = width = None
+        if size is not None and size.find("height") is not None:
+            height = int(float(size.find("height").text))
+            width = int(float(size.find("width").text))
+            if height <= 0 or width <= 0:
+                height = width = None
         objects = []
         for obj in root.findall("object"):
             box = obj.find("bndbox")
@@ -66,30 +77,57 @@ def parse_annotation(path):
 
 
 def discover_classes(root, years, image_sets):
-    """The class list: VOC's 20 when all names found are VOC classes, else the sorted names."""
-    names = set()
+    """The class list: VOC's 20 when all names found are VOC classes, else the sorted names.
+
+    A name found in one file only is most likely a misspelling (`racoon`): it is warned about
+    with its file, since it silently becomes a class of its own otherwise.
+    """
+    files_of = {}
     for year, image_set in ((y, s) for y in years for s in image_sets):
         if not os.path.isfile(
             os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
         ):
             continue
         for i in set_ids(root, year, image_set):
-            _, _, objs = parse_annotation(
-                os.path.join(root, f"VOC{year}", "Annotations", f"{i}.xml")
-            )
-            names.update(o[0] for o in objs)
+            path = os.path.join(root, f"VOC{year}", "Annotations", f"{i}.xml")
+            for o in parse_annotation(path)[2]:
+                files_of.setdefault(o[0], set()).add(path)
+    names = set(files_of)
     if not names:
         raise VocFolderError(f"no objects found under {root} for years {list(years)}")
-    return VOC_CLASSES if names <= set(VOC_CLASSES) else tuple(sorted(names))
+    if names <= set(VOC_CLASSES):
+        return VOC_CLASSES
+    for name in sorted(names):
+        if len(files_of[name]) == 1 and len(names) > 1:
+            logging.warning(
+                "class %r occurs in one file only (%s): a misspelt class name? It becomes a "
+                "class of its own; set data.class_names to fix the class list",
+                name,
+                next(iter(files_of[name])),
+            )
+    return tuple(sorted(names))
 
 
 class VocFolder(tfds.core.GeneratorBasedBuilder):
     """A VOCdevkit folder as a tfds data set (array_record)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Images decoded at preparation; degenerate boxes skipped; file_name, image_note.",
+    }
 
-    def __init__(self, *, root, years=("2007",), test_year="2007", class_names=(), **kwargs):
+    def __init__(
+        self,
+        *,
+        root,
+        years=("2007",),
+        test_year="2007",
+        class_names=(),
+        strict_images=False,
+        **kwargs,
+    ):
+        self._strict = bool(strict_images)
         self._root = os.path.abspath(root)
         if not os.path.isdir(self._root):
             raise VocFolderError(f"VOC folder not found: {self._root}")
@@ -120,6 +158,7 @@ class VocFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, sets):
         label_of = {n: i for i, n in enumerate(self._names)}
+        skipped, bad_images, empty, done = [], [], 0, 0
         for year, image_set in sets:
             year_idx = sorted({*self._years, self._test_year}).index(year)
             voc = os.path.join(self._root, f"VOC{year}")
@@ -129,25 +168,57 @@ class VocFolder(tfds.core.GeneratorBasedBuilder):
                 path = os.path.join(voc, "JPEGImages", f"{image_name}.jpg")
                 if not os.path.isfile(path):
                     raise VocFolderError(f"{ann}: image file not found: {path}")
-                coco_folder._check_image(path, height, width)  # noqa: SLF001
+                try:
+                    image, note, (height, width) = features.prepare_image(
+                        path, strict=self._strict, height=height, width=width
+                    )
+                except decode.ImageDecodeError as e:
+                    if self._strict:
+                        raise
+                    bad_images.append(str(e))
+                    continue
+                except features.ImageSizeError as e:
+                    raise VocFolderError(f"{e} (in {ann})") from e
                 unknown = [o[0] for o in objs if o[0] not in label_of]
                 if unknown:
                     raise VocFolderError(f"{ann}: classes {unknown} not in {list(self._names)}")
-                boxes = np.asarray([o[1] for o in objs], np.float32).reshape(-1, 4)
-                image_id = year_idx * 10**7 + pos
+                # An inverted or empty box (xmax <= xmin or ymax <= ymin) cannot be trained on.
+                good = [o for o in objs if o[1][2] > o[1][0] and o[1][3] > o[1][1]]
+                dropped = [
+                    f"{ann} {o[0]} box {[c + 1 for c in o[1]]}: inverted or empty"
+                    for o in objs
+                    if o not in good
+                ]
+                skipped += dropped
+                empty += not good
+                done += 1
+                boxes = np.asarray([o[1] for o in good], np.float32).reshape(-1, 4)
                 yield (
                     f"{year}_{image_set}_{image_name}",
                     {
-                        "image": path,
-                        "image_id": image_id,
+                        "image": image,
+                        "image_id": year_idx * 10**7 + pos,
                         "height": height,
                         "width": width,
+                        "file_name": os.path.relpath(path, self._root),
+                        "image_note": note,
+                        "skipped_boxes": "\n".join(dropped),
                         "objects": {
                             "bbox": boxes,
-                            "label": np.asarray([label_of[o[0]] for o in objs], np.int64),
+                            "label": np.asarray([label_of[o[0]] for o in good], np.int64),
                             "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-                            "is_crowd": np.zeros(len(objs), bool),
-                            "is_difficult": np.asarray([o[2] for o in objs], bool),
+                            "is_crowd": np.zeros(len(good), bool),
+                            "is_difficult": np.asarray([o[2] for o in good], bool),
                         },
                     },
                 )
+        if bad_images and not done:
+            raise VocFolderError(f"{sets}: no image could be decoded; the first: {bad_images[0]}")
+        features.log_skipped(f"VOC boxes under {self._root}", skipped)
+        features.log_skipped(f"undecodable images under {self._root}", bad_images)
+        if empty:
+            logging.info(
+                "%s: %d images have no usable box (kept for evaluation; training skips them)",
+                self._root,
+                empty,
+            )
