@@ -21,6 +21,7 @@ listed in one error. Reading never unpickles arbitrary objects (`torch.load(weig
 
 import collections
 import os
+import pickle
 import re
 
 import numpy as np
@@ -186,8 +187,9 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     Returns:
       {'params', 'batch_stats'} of numpy arrays.
     Raises:
-      ConversionError listing every missing key, unexpected key and shape mismatch, or
-      saying that the class count differs.
+      ConversionError listing every missing key, unexpected key, shape mismatch and weight
+      that is not floating point (an integer tensor for a float parameter), or saying that the
+      class count differs.
     """
     sd = {}
     for k, v in state_dict.items():
@@ -195,7 +197,7 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
         for old, new in LEGACY_RENAMES.items():
             if k.startswith(old):
                 k = new + k[len(old) :]
-        sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+        sd[k] = _to_numpy(v.detach().cpu() if hasattr(v, "detach") else v)
     table = key_table(expected)
     buffers = _buffers(expected, family)
     skipped = lambda k: any(re.search(r, k) for r in skip)  # noqa: E731
@@ -212,11 +214,17 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     missing = sorted(k for k in table if k not in sd and not skipped(k))
     missing += sorted(k for k in buffers if k not in sd and not skipped(k))
     unexpected = sorted(k for k in sd if k not in table and k not in buffers and not skipped(k))
-    shapes = []
+    shapes, dtypes = [], []
     out = {"params": {}, "batch_stats": {}}
     for key, (coll, path) in table.items():
         ref = _leaf(expected, coll, path)
         if key in sd and not skipped(key):
+            if _is_float(ref.dtype) and not _is_float(sd[key].dtype):
+                # Casting integer (or bool, or non-tensor) values into float weights would load
+                # garbage silently. Integer buffers (num_batches_tracked) are not in the key
+                # table: they are checked as buffers and never loaded.
+                dtypes.append(f"{key}: checkpoint {sd[key].dtype} vs model {np.dtype(ref.dtype)}")
+                continue
             x = _to_flax_layout(sd[key], path)
             if tuple(x.shape) != tuple(ref.shape):
                 want = _to_torch_layout(np.zeros(ref.shape), path).shape
@@ -229,13 +237,21 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     if "bbox_head.integral.project" in sd and "bbox_head.integral.project" in buffers:
         if not np.allclose(sd["bbox_head.integral.project"], buffers["bbox_head.integral.project"]):
             shapes.append("bbox_head.integral.project: not linspace(0, reg_max, reg_max + 1)")
-    if missing or unexpected or shapes:
+    if missing or unexpected or shapes or dtypes:
         lines = [f"{what} does not match the model:"]
         lines += [f"  missing key: {k}" for k in missing]
         lines += [f"  unexpected key: {k}" for k in unexpected]
         lines += [f"  shape mismatch: {s}" for s in shapes]
+        lines += [f"  not floating point: {s}" for s in dtypes]
         raise ConversionError("\n".join(lines))
     return out
+
+
+def _is_float(dtype):
+    """numpy's floats and ml_dtypes' (bfloat16, float8), which numpy does not call floating."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
 
 
 def _leaf(tree, coll, path):
@@ -255,23 +271,47 @@ def read_checkpoint(path):
     """Reads a `.pth` (safely: `weights_only=True`) or `.safetensors` file.
 
     Returns (state_dict {key: numpy}, meta dict). A pickle that needs arbitrary code to load is
-    refused by torch's restricted unpickler and reported as a ConversionError.
+    refused by torch's restricted unpickler; that, an empty file and a damaged or truncated one
+    are each one ConversionError naming the file. bfloat16 tensors come back as ml_dtypes'
+    bfloat16 (numpy has no bfloat16 of its own); `to_flax` casts them to the model's dtype.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if os.path.getsize(path) == 0:
+        raise ConversionError(
+            f"cannot read {path}: empty file (0 bytes); the download or copy did not finish"
+        )
+    import ml_dtypes  # noqa: PLC0415, F401 (registers numpy's 'bfloat16', which safetensors uses)
+
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file  # noqa: PLC0415 (optional dependency)
 
-        return dict(load_file(path)), {}
+        try:
+            return dict(load_file(path)), {}
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+            raise ConversionError(
+                f"cannot read {path}: not a valid .safetensors file, or damaged or truncated "
+                f"({_describe(e)})"
+            ) from e
     import torch  # noqa: PLC0415 (the `convert` extra)
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for anything but tensors and containers
+    except pickle.UnpicklingError as e:
+        if "WeightsUnpickler" not in str(e):  # a cut-off legacy pickle: damage, not a refusal
+            raise ConversionError(
+                f"cannot read {path}: damaged or truncated ({_describe(e)})"
+            ) from e
+        # torch's restricted unpickler met something other than tensors and containers
         raise ConversionError(
-            f"refusing to load {path}: it is not a plain weights file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}). Checkpoints are read with torch.load(weights_only=True), "
+            f"refusing to load {path}: it is not a plain weights file ({_describe(e)}). "
+            f"Checkpoints are read with torch.load(weights_only=True), "
             f"which never runs code from the file."
+        ) from e
+    except Exception as e:  # a cut-off zip archive (OSError), a cut-off pickle (EOFError), ...
+        raise ConversionError(
+            f"cannot read {path}: damaged or truncated, or not a PyTorch checkpoint "
+            f"({_describe(e)})"
         ) from e
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -279,7 +319,32 @@ def read_checkpoint(path):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-    return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, meta
+    return {k: _to_numpy(v) for k, v in obj.items()}, meta
+
+
+def _to_numpy(v):
+    if not hasattr(v, "numpy"):
+        return np.asarray(v)
+    if str(v.dtype) == "torch.bfloat16":  # torch cannot hand numpy a bfloat16 array: view bits
+        import ml_dtypes  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+
+        return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return v.numpy()
+
+
+def _describe(exc):
+    """'Type: the informative line' of an error, or just 'Type' when its message is empty (an
+    empty .pth raises a bare EOFError).
+
+    torch's weights-only refusal opens with a paragraph about its defaults; the line after
+    "WeightsUnpickler error:" says what it met.
+    """
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def write_pth(path, state_dict, meta):

@@ -31,7 +31,12 @@ def convert(model_cfg, src, out, skip=(), class_names=None):
 
 
 def export(workdir, out, fmt, step=None):
-    """Writes the student of `workdir` (at `step`, default latest) to `out` in `fmt`."""
+    """Writes the student of `workdir` (at `step`, default latest) to `out` in `fmt`.
+
+    Without `step`, a newest step that cannot be restored is skipped with a warning and the
+    newest one that restores is written; a named `step` that cannot be restored is a
+    `checkpoint.CheckpointError` naming its folder.
+    """
     ckpt = os.path.join(workdir, "checkpoints")
     path = ckpt if step is None else os.path.join(ckpt, str(step))
     variables, meta = checkpoint.load_model_variables(path)
