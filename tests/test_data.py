@@ -185,12 +185,14 @@ def test_annotation_filter_follows_mmdetection():
         {"id": 3, "bbox": [50, 50, 10, 10], "category_id": 5, "area": 100},  # outside 40x40
         {"id": 4, "bbox": [5, 5, 10, 10], "category_id": 5, "area": 0},  # area <= 0
         {"id": 5, "bbox": [1, 2, 3, 4], "category_id": 7, "area": 12, "iscrowd": 1},
+        {"id": 6, "bbox": [float("nan"), 2, 3, 4], "category_id": 7, "area": 12},  # NaN
     ]
     obj, skipped = coco_folder.convert_annotations(anns, 40, 40, {5: 0, 7: 1}, "x.jpg")
     assert [s.split(":")[-1].strip() for s in skipped] == [
         "w < 1 or h < 1",
         "no overlap with the image",
         "area <= 0",
+        "non-finite coordinates or area",
     ]
     assert skipped[0].startswith("x.jpg annotation 2 bbox [0.0, 0.0, 0.5, 10.0]")
     np.testing.assert_allclose(obj["bbox"], [[0, 0, 10, 10], [1, 2, 4, 6]])

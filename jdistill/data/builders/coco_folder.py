@@ -58,6 +58,8 @@ def read_annotations(ann_file):
 
 def skip_reason(x, y, w, h, area, height, width):
     """Why mmdetection's `_parse_ann_info` drops a box, or '' when it keeps it."""
+    if not np.isfinite([x, y, w, h, area]).all():
+        return "non-finite coordinates or area"  # NaN fails every comparison below
     inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
     inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
     if inter_w * inter_h == 0:
@@ -153,13 +155,16 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         by_image = {}
         for ann in data["annotations"]:
             by_image.setdefault(ann.get("image_id"), []).append(ann)
-        skipped, bad_images, empty = [], [], 0
+        skipped, bad_images, empty, seen = [], [], 0, set()
         for img in data["images"]:
             try:
                 name, height, width = img["file_name"], int(img["height"]), int(img["width"])
                 image_id = int(img["id"])
             except (KeyError, TypeError, ValueError) as e:
                 raise CocoFolderError(f"{ann_file}: malformed image entry {img}: {e}") from e
+            if image_id in seen:
+                raise CocoFolderError(f"{ann_file}: image id {image_id} is listed twice")
+            seen.add(image_id)
             path = os.path.join(self._root, split_dir, name)
             if not os.path.isfile(path):
                 raise CocoFolderError(f"{ann_file}: image {image_id} file not found: {path}")
