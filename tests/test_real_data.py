@@ -370,3 +370,37 @@ def test_data_report_cli(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 1 and "COCO folder not found" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_faster_coco_eval_backend_equals_pycocotools(tmp_path):
+    pytest.importorskip("faster_coco_eval")
+    assert coco_eval.check_backend("faster_coco_eval")
+    root = messy_coco(tmp_path / "coco")
+    val = pipeline.load_split(coco_cfg(root), "validation")
+    gt = coco_eval.ground_truth(val)
+    _, results = coco_eval.fixture(num_images=3)
+    ids = sorted(gt.getImgIds())
+    for r in results:  # the fixture's detections, moved onto this split's images
+        r["image_id"] = ids[r["image_id"] % len(ids)]
+    want, _ = coco_eval.evaluate(gt, results)
+    got, _ = coco_eval.evaluate(gt, results, backend="faster_coco_eval")
+    assert got == want
+    with pytest.raises(ValueError, match="eval.backend='detectron'"):
+        coco_eval.evaluate(gt, results, backend="detectron")
+
+
+def test_a_backend_that_disagrees_is_refused(monkeypatch):
+    pytest.importorskip("faster_coco_eval")
+    real = coco_eval._run  # noqa: SLF001
+
+    def off_by_a_bit(backend, *args):
+        stats, text = real(backend, *args)
+        return ([s + 0.01 for s in stats] if backend != "pycocotools" else stats), text
+
+    monkeypatch.setattr(coco_eval, "_run", off_by_a_bit)
+    coco_eval.check_backend.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="refused: on the fixture"):
+            coco_eval.check_backend("faster_coco_eval")
+    finally:
+        coco_eval.check_backend.cache_clear()

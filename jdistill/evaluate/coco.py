@@ -9,11 +9,16 @@ as fixed-size device outputs and are filtered by their `valid` masks here, on th
 """
 
 import contextlib
+import copy
+import functools
 import io
 import json
 
+import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+BACKENDS = ("pycocotools", "faster_coco_eval")
 
 # mmdetection's `CocoDataset.evaluate` keys, in COCOeval.stats order.
 METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
@@ -99,22 +104,104 @@ def to_results(dets, image_ids, image_valid, category_ids):
     return out
 
 
-def evaluate(gt, results, image_ids=None):
+def evaluate(gt, results, image_ids=None, backend="pycocotools"):
     """COCOeval bbox. -> (dict of METRIC_NAMES -> float, the printed summary).
 
     `image_ids` restricts the evaluation to those images (default: every image of `gt`).
+    `backend` 'faster_coco_eval' (an optional package, a C++ COCOeval) is used only after it
+    gave pycocotools' numbers on a fixture in this process (`check_backend`).
     A metric is -1 where its area range has no ground truth (COCOeval's convention).
     """
     if not results:
         return {k: 0.0 for k in METRIC_NAMES}, "no detections"
+    if backend not in BACKENDS:
+        raise ValueError(f"eval.backend={backend!r}: use one of {BACKENDS}")
+    if backend == "faster_coco_eval":
+        check_backend(backend)
+    stats, summary = _run(backend, gt.dataset, results, image_ids)
+    # As mmdetection, -1 stays -1: COCOeval's mark for an area range with no ground truth.
+    return {k: float(v) for k, v in zip(METRIC_NAMES, stats[:6], strict=True)}, summary
+
+
+def _run(backend, dataset, results, image_ids):
+    """(COCOeval stats [12], printed summary) of one backend on a ground-truth dict."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
+        if backend == "pycocotools":
+            gt = COCO()
+            gt.dataset = dataset
+            gt.createIndex()
+            ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        else:
+            import faster_coco_eval  # noqa: PLC0415 (optional)
+
+            gt = faster_coco_eval.COCO(copy.deepcopy(dataset))
+            ev = faster_coco_eval.COCOeval_faster(
+                gt, gt.loadRes(copy.deepcopy(results)), "bbox", print_function=print
+            )
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    # As mmdetection, -1 stays -1: COCOeval's mark for an area range with no ground truth.
-    return {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)}, buf.getvalue()
+    return [float(x) for x in ev.stats], buf.getvalue()
+
+
+@functools.cache
+def check_backend(backend):
+    """Refuses a backend whose mAPs differ from pycocotools' on a fixture (ValueError).
+
+    The fixture has small, medium and large boxes, a crowd box, an image without boxes, score
+    ties and false positives: the cases where COCOeval re-implementations have differed.
+    """
+    try:
+        if backend == "faster_coco_eval":
+            import faster_coco_eval  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise ValueError(
+            f"eval.backend={backend!r} needs the package: pip install faster-coco-eval"
+        ) from e
+    dataset, results = fixture()
+    want, _ = _run("pycocotools", dataset, results, None)
+    got, _ = _run(backend, dataset, results, None)
+    if not np.allclose(got, want, atol=1e-9, rtol=0):
+        raise ValueError(
+            f"eval.backend={backend!r} refused: on the fixture it gives {np.round(got, 6)} "
+            f"where pycocotools gives {np.round(want, 6)}"
+        )
+    return True
+
+
+def fixture(seed=0, num_images=12):
+    """A deterministic COCO ground-truth dict and detections to compare backends on."""
+    rng = np.random.default_rng(seed)
+    images, anns, results = [], [], []
+    for i in range(1, num_images + 1):
+        images.append({"id": i, "height": 480, "width": 640})
+        for _ in range(int(rng.integers(0, 6)) if i > 1 else 0):  # image 1 has no boxes
+            side = float(rng.choice([12.0, 60.0, 200.0]))  # small, medium, large
+            x, y = rng.uniform(0, 400), rng.uniform(0, 250)
+            w, h = side * rng.uniform(0.7, 1.3), side * rng.uniform(0.7, 1.3)
+            cat = int(rng.integers(1, 4))
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(rng.uniform() < 0.1),
+                }
+            )
+            for _ in range(int(rng.integers(0, 3))):
+                j = rng.normal(0, 0.15, 4) * [w, h, w, h]
+                score = float(np.round(rng.uniform(0, 1), 1))  # rounded: ties
+                box = [x + j[0], y + j[1], max(w + j[2], 1.0), max(h + j[3], 1.0)]
+                results.append({"image_id": i, "category_id": cat, "bbox": box, "score": score})
+        for _ in range(int(rng.integers(0, 3))):
+            box = [rng.uniform(0, 500), rng.uniform(0, 400), 30.0, 30.0]
+            results.append(
+                {"image_id": i, "category_id": int(rng.integers(1, 4)), "bbox": box, "score": 0.3}
+            )
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    return {"images": images, "annotations": anns, "categories": cats}, results
