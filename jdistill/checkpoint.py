@@ -470,9 +470,9 @@ def _read_student(mgr, step, folder):
     return ({"params": student, "batch_stats": state.get("batch_stats", {})}, out.meta), None
 
 
-def write_json(path, obj):
-    """Writes JSON atomically (a crash never leaves a truncated file)."""
+def write_json(path, obj, indent=2):
+    """Writes JSON atomically (a crash never leaves a truncated file); indent None: compact."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=indent is not None)
     os.replace(tmp, path)

@@ -255,6 +255,9 @@ def base(model, data, lr):
             keep_checkpoints=3,
             eval_every=0,  # 0: evaluate at the end only
             eval_max_images=0,  # 0: the whole split
+            # COCO mAP by 'pycocotools', or 'faster_coco_eval' (pip install faster-coco-eval),
+            # which is refused unless it gives pycocotools' numbers on a fixture
+            eval_backend="pycocotools",
             num_vis_images=4,
             param_sharding=(),  # (regex, mesh axis) rules for FSDP; replicated by default
             teacher=None,

@@ -47,7 +47,12 @@ def stage_configs(config, workdir):
 
 
 def run(config, workdir):
-    """Runs the three stages; returns {stage: metrics}."""
+    """Runs the three stages; returns {stage: metrics}.
+
+    Each stage is a `train.run`: a preempted stage raises `train.Preempted`, which stops the
+    demo there; the same command later resumes that stage (finished ones only re-evaluate).
+    """
+    train.check_workdir(workdir)  # the stages' directories sit inside it
     results = {}
     for name, cfg, wd in stage_configs(config, workdir):
         logging.info("demo: training %s in %s", name, wd)

@@ -7,8 +7,11 @@ outside `value_and_grad` under `stop_gradient`, never in the optimizer or a chec
 `jax.jit` over a `Mesh` shards the batch over `data`; each canvas compiles once.
 """
 
+import math
 import os
 import re
+import signal
+import threading
 import time
 
 import jax
@@ -43,36 +46,100 @@ DEVICE_KEYS = (
 )
 
 
+class ConfigError(ValueError):
+    """A config value or flag the run cannot use; the message names the key and the value."""
+
+
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf; the message names the step and loss terms."""
+    """The loss or gradient norm became NaN/inf; the message names the step (counted from 1, as
+    the log counts), the loss terms there and the last checkpoint to restart from."""
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: a requested stop, the run resumes)
+    """SIGTERM or SIGINT stopped training at a step boundary after saving a checkpoint there.
+
+    Re-running the same command resumes from it. `main` logs the message and exits 0.
+    """
+
+    def __init__(self, signame, step, directory):
+        super().__init__(
+            f"preempted by {signame}: saved step {step} in {directory}; "
+            "re-run the same command to resume"
+        )
+        self.step = step
+
+
+# A checkpoint is offered as the restart point after a non-finite loss only when the loss its
+# parameters gave next was at most this many times the smallest loss the run logged before.
+# Divergence is orders of magnitude (1e13 before inf), while the ordinary ups and downs of a
+# detection loss - warm-up, a hard batch, an LR step - stay within 2-3x of the best so far;
+# 10x leaves room for those without accepting parameters that have already blown up.
+SANE_LOSS_FACTOR = 10.0
 
 
 # ============================================================================ config checks
 
 
+# Integer settings: (key, smallest allowed value, what a value means). Checked before anything
+# is built, since a 0 interval compiles and trains a step before `step % 0` fails, and a 0 batch
+# fails deep inside the mesh code.
+_INTEGER_KEYS = (
+    ("batch_size", 1, "images per step over all devices"),
+    ("eval_batch_size", 1, "images per evaluation batch"),
+    ("log_every", 1, "steps between log lines"),
+    ("checkpoint_every", 1, "steps between checkpoints"),
+    ("keep_checkpoints", 1, "checkpoints kept on disk"),
+    ("eval_every", 0, "steps between evaluations; 0: at the end only"),
+    ("eval_max_images", 0, "images evaluated; 0: the whole split"),
+    ("num_vis_images", 0, "images drawn per evaluation"),
+    ("seed", None, "the random seed"),
+    ("schedule.epochs", 1, "epochs of training (milestones are in epochs)"),
+    ("schedule.num_steps", None, "steps of training; 0 or less: `schedule.epochs` epochs"),
+    ("schedule.warmup_steps", 0, "steps of LR warm-up"),
+    ("data.max_boxes", 1, "ground-truth boxes kept per image"),
+    ("data.num_workers", 0, "input threads; 0: read in the training thread"),
+    ("data.prefetch", 0, "batches read ahead"),
+)
+
+
+def _check_integers(config):
+    for key, low, meaning in _INTEGER_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            continue  # a config without the key: the code that reads it uses its default
+        if isinstance(node, bool) or not isinstance(node, int):
+            raise ConfigError(f"config.{key}={node!r}: must be an integer ({meaning})")
+        if low is not None and node < low:
+            need = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise ConfigError(f"config.{key}={node!r}: must be {need} ({meaning})")
+
+
 def check_config(config):
-    """Refuses inconsistent configs before anything is loaded or compiled."""
+    """Refuses inconsistent configs before anything is loaded or compiled (`ConfigError`)."""
+    _check_integers(config)
     distill = config.get("distill")
     teacher = config.get("teacher")
     if distill and distill.get("losses"):
         if not teacher:
-            raise ValueError("config.distill has losses but config.teacher is not set")
+            raise ConfigError("config.distill has losses but config.teacher is not set")
         if teacher.model.family != config.model.family:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher family {teacher.model.family!r} differs from the student's "
                 f"{config.model.family!r}: the distillers compare their taps level by level"
             )
         for name, lcfg in distill.losses.items():
             entry = registry.get(lcfg.fn)
             if entry.teacher_roi_head and config.model.family != "faster_rcnn":
-                raise ValueError(f"distill.losses.{name} ({lcfg.fn}) needs a two-stage detector")
+                raise ConfigError(f"distill.losses.{name} ({lcfg.fn}) needs a two-stage detector")
             if lcfg.fn == "defeat_dense_kd" and config.model.family != "retinanet":
-                raise ValueError(
+                raise ConfigError(
                     f"distill.losses.{name} (defeat_dense_kd) reads RetinaNet's anchor "
                     f"assignment; the student is {config.model.family!r}"
                 )
             if entry.uses_adapter and lcfg.get("adapter") not in adapter_lib.KERNELS:
-                raise ValueError(
+                raise ConfigError(
                     f"distill.losses.{name}.adapter must be one of {sorted(adapter_lib.KERNELS)}"
                 )
         if not teacher.get("init"):
@@ -81,26 +148,53 @@ def check_config(config):
                     "teacher.init is empty: using a RANDOMLY INITIALISED teacher (runlocal only)"
                 )
             else:
-                raise ValueError(
+                raise ConfigError(
                     "config.teacher.init is empty: a distillation run needs a trained teacher "
                     "(an orbax checkpoint or a run's workdir); only :runlocal allows a random one"
                 )
     if config.batch_size % jax.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
         )
+    backend = config.get("eval_backend", "pycocotools")
+    if backend != "pycocotools":
+        try:
+            coco_eval.check_backend(backend)
+        except ValueError as e:
+            raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
     if config.eval_batch_size % jax.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"eval_batch_size {config.eval_batch_size} does not split over "
             f"{jax.device_count()} devices"
         )
     group = config.model.loss_group_size
     per_device = config.batch_size // jax.device_count()
     if group and per_device % group and group % per_device:
-        raise ValueError(
+        raise ConfigError(
             f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
             f"{per_device}"
         )
+
+
+def check_workdir(workdir):
+    """Creates `workdir` if needed and proves it writable, before anything is loaded.
+
+    A regular file there, or a directory this user cannot write, would otherwise surface as a
+    FileExistsError or PermissionError from wherever the run first writes.
+    """
+    if not workdir:
+        raise ConfigError("--workdir is empty: pass the directory the run writes to")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
+    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        # Permission bits alone do not say it (root, ACLs, read-only mounts): try a write.
+        with open(probe, "w") as f:
+            f.write("jdistill")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
 
 
 # ============================================================================ schedule / optimizer
@@ -392,7 +486,8 @@ def make_train_step(config, student, teacher, tx, schedule, total_steps=0):
             "params": keep(params, state["params"]),
             "batch_stats": keep(new_stats, state["batch_stats"]),
             "opt_state": keep(opt_state, state["opt_state"]),
-            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
+            # The first non-finite update, counted from 1 as the log counts (-1: none yet).
+            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]),
         }
         metrics["grad_norm"] = gnorm
         metrics["lr"] = schedule(step)
@@ -425,20 +520,32 @@ def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, cat
     """
     t0 = time.time()
     results = []
-    for local in pipeline.eval_dataset(split, config.data, config.eval_batch_size):
-        batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
-        dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
-        results += coco_eval.to_results(dets, dets["image_id"], dets["image_valid"], category_ids)
+    batches = iter(pipeline.eval_dataset(split, config.data, config.eval_batch_size))
+    try:
+        for local in batches:
+            batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
+            dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
+            results += coco_eval.to_results(
+                dets, dets["image_id"], dets["image_valid"], category_ids
+            )
+    finally:
+        _close_iterator(batches)  # an error mid-way leaves its reader threads running
     if config.data.get("eval_metric", "coco") == "voc":
         metrics, summary = voc_eval.evaluate_split(
             split, results, config.data.get("voc_ap_mode", "11points")
         )
     else:
-        metrics, summary = coco_eval.evaluate(coco_eval.ground_truth(split), results)
+        metrics, summary = coco_eval.evaluate(
+            coco_eval.ground_truth(split),
+            results,
+            backend=config.get("eval_backend", "pycocotools"),
+        )
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         stem = os.path.join(workdir, "eval", f"{tag}step_{step}")
         checkpoint.write_json(f"{stem}.json", {"step": step, **metrics})
+        # COCO results format (original-image xywh, category ids): pycocotools' loadRes reads it
+        checkpoint.write_json(f"{stem}.detections.json", results, indent=None)
         _draw(split, results, config.num_vis_images, f"{stem}.png")
     logging.info(
         "%seval at step %d (%d images, %.1fs): %s\n%s",
@@ -476,18 +583,7 @@ def _draw(split, results, n, path):
 
 def subset(split, n):
     """The first `n` examples of a split (all when n <= 0)."""
-    if n <= 0 or n >= len(split):
-        return split
-    return pipeline.Split(
-        name=split.name,
-        source=split.source,
-        heights=split.heights[:n],
-        widths=split.widths[:n],
-        image_ids=split.image_ids[:n],
-        objects=split.objects[:n],
-        class_names=split.class_names,
-        category_ids=split.category_ids,
-    )
+    return split.head(n)
 
 
 # ============================================================================ loop
@@ -503,11 +599,14 @@ def run(config, workdir, *, stop_at_step=None):
         schedule: for time-sliced jobs and for the resume test. The run can be continued.
     Returns:
       dict of final eval metrics ({} when stopped early).
+    Raises:
+      ConfigError: a bad config value or workdir, before anything is loaded.
+      NonFiniteLossError: the loss or gradient became NaN/inf.
+      Preempted: SIGTERM or SIGINT arrived during training; a checkpoint of the step then
+        finishing was saved and the run can be continued.
     """
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    check_workdir(workdir)
     mesh = parallel.make_mesh()
     logging.info(
         "mesh: %d devices (%s), %d processes",
@@ -562,124 +661,355 @@ def run(config, workdir, *, stop_at_step=None):
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
         )
-        state, data_state, _ = checkpoint.restore(mgr, latest, abstract)
+        # The newest step that restores: damaged newer steps are set aside with a warning;
+        # another model's checkpoints or no restorable step at all raise CheckpointError.
+        latest, state, data_state, _ = checkpoint.restore_newest(mgr, abstract)
         logging.info("Resuming from step %d (%s)", latest, mgr.directory)
     start = int(state["step"])
+    # Written once the workdir is known to be this config's: a refused resume (another model's
+    # checkpoints) keeps the config.json of the run that wrote them.
+    if jax.process_index() == 0:
+        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
     # ------------------------------------------------------------------ step functions
-    batch_sh = parallel.batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(config, student, teacher, tx, schedule, total_steps),
-        in_shardings=(state_sharding, parallel.replicated(mesh), batch_sh),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    predict_student = jax.jit(make_predict(student, config.model))
-    writer = metrics_writer.MetricWriter(workdir)
-    cat_ids = train_split.category_ids
-
-    if teacher is not None and start == 0:
-        t_metrics = evaluate(
-            jax.jit(make_predict(teacher, config.teacher.model)),
-            teacher_vars,
-            eval_split,
-            config,
-            mesh,
-            workdir,
-            "teacher_",
-            0,
-            cat_ids,
+    # Everything from here on starts threads (input readers, orbax, the event writer) or device
+    # work that the `finally` below stops again, whether the run ends, fails or is preempted.
+    writer = iterator = None
+    stop_signals = _StopSignals()
+    finished = False
+    try:
+        batch_sh = parallel.batch_sharding(mesh)
+        train_step = jax.jit(
+            make_train_step(config, student, teacher, tx, schedule, total_steps),
+            in_shardings=(state_sharding, parallel.replicated(mesh), batch_sh),
+            out_shardings=(state_sharding, parallel.replicated(mesh)),
+            donate_argnums=(0,),
         )
-        writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
+        predict_student = jax.jit(make_predict(student, config.model))
+        writer = metrics_writer.MetricWriter(workdir)
+        # A run killed after its last checkpoint logged steps this one trains again: drop them
+        # (a fresh start drops everything, the teacher's step-0 evaluation included).
+        kept = writer.rewind(start if start > 0 else -1)
+        # (step, mean loss, mean grad norm) of every logged window, to judge checkpoints by.
+        history = [
+            (r["step"], float(r["loss"]), float(r.get("grad_norm", 0.0)))
+            for r in kept
+            if "loss" in r
+        ]
+        cat_ids = train_split.category_ids
 
-    # ------------------------------------------------------------------ loop
-    end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
-    iterator = iter(
-        pipeline.train_dataset(
-            train_split, sampler, config.data, seed=config.seed, num_steps=total_steps
+        if teacher is not None and start == 0:
+            t_metrics = evaluate(
+                jax.jit(make_predict(teacher, config.teacher.model)),
+                teacher_vars,
+                eval_split,
+                config,
+                mesh,
+                workdir,
+                "teacher_",
+                0,
+                cat_ids,
+            )
+            writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
+
+        # -------------------------------------------------------------- loop
+        end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
+        iterator = iter(
+            pipeline.train_dataset(
+                train_split, sampler, config.data, seed=config.seed, num_steps=total_steps
+            )
         )
-    )
-    if data_state is not None:
-        iterator.set_state(data_state)
-    pending = []
-    t_last, step_last = time.time(), start
-    last_saved = latest
-    final = {}
+        if data_state is not None:
+            iterator.set_state(data_state)
+        pending = []  # (step, device metrics) not yet logged; steps count from 1
+        t_last, step_last = time.time(), start
+        last_saved = latest
+        final = {}
 
-    def check_finite():
-        bad = int(state["bad_step"])
-        if bad >= 0:
-            terms = next((m for s, m in pending if s == bad), None)
-            terms = {k: float(v) for k, v in jax.device_get(terms).items()} if terms else {}
-            good = os.path.join(mgr.directory, str(last_saved)) if last_saved else "none"
+        def check_finite():
+            bad = int(state["bad_step"])
+            if bad < 0:
+                return
+            rows = jax.device_get([m for _, m in pending])
+            steps = [s for s, _ in pending]
+            terms = {k: float(v) for k, v in rows[steps.index(bad)].items()} if bad in steps else {}
+            # Checkpoints are judged by the losses up to the bad step (later steps skipped the
+            # update) once every asynchronous save is on disk.
+            losses = history + [
+                (s, float(r["loss"]), float(r["grad_norm"]))
+                for s, r in zip(steps, rows, strict=True)
+                if s <= bad
+            ]
+            mgr.wait_until_finished()
+            saved = sorted(mgr.all_steps())
+            good = last_good_checkpoint(saved, losses)
+            if good is None:
+                where = (
+                    "none (no checkpoint's parameters went on to give a finite loss within "
+                    f"{SANE_LOSS_FACTOR:g}x the run's best)"
+                )
+            else:
+                where = os.path.join(mgr.directory, str(good))
+                later = [s for s in saved if s > good]
+                if later:
+                    where += (
+                        f" (the later checkpoints {later} gave a non-finite loss or one over "
+                        f"{SANE_LOSS_FACTOR:g}x the run's best; move them away to resume from it)"
+                    )
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad}; loss terms there: {terms}; "
-                f"last good checkpoint: {good}"
+                f"last good checkpoint: {where}"
             )
 
-    def evaluate_student(step):
-        m = evaluate(
-            predict_student,
-            _student_vars(state),
-            eval_split,
-            config,
-            mesh,
-            workdir,
-            "",
-            step,
-            cat_ids,
-        )
-        writer.write(step, {f"eval/{k}": v for k, v in m.items()})
-        return m
+        def log(done):
+            nonlocal pending, t_last, step_last
+            check_finite()
+            rows = jax.device_get([m for _, m in pending])
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            now = time.time()
+            rate = (done - step_last) / max(now - t_last, 1e-9)
+            eta = (total_steps - done) / max(rate, 1e-9)
+            writer.write(done, {**mean, "steps_per_sec": rate})
+            history.append((done, mean["loss"], mean["grad_norm"]))
+            logging.info(
+                "step %d/%d loss %.4f (%s) | %.2f steps/s, %.1f img/s | ETA %s",
+                done,
+                total_steps,
+                mean["loss"],
+                " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "lr")),
+                rate,
+                rate * config.batch_size,
+                _hms(eta),
+            )
+            pending, t_last, step_last = [], now, done
 
-    def save(step):
-        nonlocal last_saved
-        check_finite()
-        checkpoint.save(mgr, step, state, iterator.get_state(), meta, force=True)
-        last_saved = step
+        def evaluate_student(step):
+            m = evaluate(
+                predict_student,
+                _student_vars(state),
+                eval_split,
+                config,
+                mesh,
+                workdir,
+                "",
+                step,
+                cat_ids,
+            )
+            writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+            return m
 
-    try:
+        def save(done):
+            nonlocal last_saved
+            check_finite()
+            if pending:  # steps since the last log line
+                rows = jax.device_get([m for _, m in pending])
+                window = (done, *(float(np.mean([r[k] for r in rows])) for k in LOSS_KEYS))
+            else:
+                window = history[-1] if history else None
+            record = loss_record(window, history)
+            checkpoint.save(
+                mgr, done, state, iterator.get_state(), {**meta, "loss": record}, force=True
+            )
+            last_saved = done
+
+        def preempted(step):
+            # The checkpoint must really be on disk before the run reports it and exits 0.
+            mgr.wait_until_finished()
+            return Preempted(stop_signals.signame, step, mgr.directory)
+
+        stop_signals.install()
         for step in range(start, end):
             local = next(iterator)
             batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
             state, metrics = train_step(state, teacher_vars, batch)
-            pending.append((step, metrics))
             done = step + 1
-            if done % config.log_every == 0 or done == end:
-                check_finite()
-                rows = jax.device_get([m for _, m in pending])
-                mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-                now = time.time()
-                rate = (done - step_last) / max(now - t_last, 1e-9)
-                eta = (total_steps - done) / max(rate, 1e-9)
-                writer.write(done, {**mean, "steps_per_sec": rate})
-                logging.info(
-                    "step %d/%d loss %.4f (%s) | %.2f steps/s, %.1f img/s | ETA %s",
-                    done,
-                    total_steps,
-                    mean["loss"],
-                    " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "lr")),
-                    rate,
-                    rate * config.batch_size,
-                    _hms(eta),
-                )
-                pending, t_last, step_last = [], now, done
-            if done % config.checkpoint_every == 0 or done == end:
+            pending.append((done, metrics))
+            log_step = done % config.log_every == 0
+            stop = stop_signals.agreed(poll=log_step)
+            if log_step or done == end or stop:
+                log(done)
+            if done % config.checkpoint_every == 0 or done == end or stop:
                 save(done)
+            if stop:
+                raise preempted(done)
             if config.eval_every and done % config.eval_every == 0 and done != total_steps:
                 evaluate_student(done)
 
         if end == total_steps:
+            if stop_signals.agreed(poll=True) and last_saved is not None:
+                raise preempted(last_saved)  # skip the final evaluation; a re-run does it
             if latest is not None and latest == total_steps:
                 logging.info("already trained to step %d; evaluating the final checkpoint", latest)
             final = evaluate_student(total_steps)
+        finished = True
     finally:
-        # Let an in-flight async save finish even when the loop raises, so the last good
-        # checkpoint named in the error really is on disk.
-        mgr.wait_until_finished()
-        mgr.close()
-        writer.close()
+        stop_signals.restore()
+        # Stop every thread the run started, also when it fails: a process that exits with
+        # work in flight can hang in interpreter teardown (see main.py). The in-flight async
+        # save finishes first, so the last good checkpoint an error names really is on disk.
+        errors = _release(state, iterator, mgr, writer)
+        if errors and finished:
+            raise errors[0]
     return final
+
+
+# Loss terms of a logged window that judge a checkpoint (the step's metrics hold them all).
+LOSS_KEYS = ("loss", "grad_norm")
+
+
+def loss_record(window, history, factor=SANE_LOSS_FACTOR):
+    """The `loss` entry of a checkpoint's meta: the training loss that led to it.
+
+    Args:
+      window: (last step, mean loss, mean grad norm) of the steps just before the checkpoint,
+        or None when none ran in this process (and none were logged).
+      history: the logged windows (step, loss, grad norm) of the run so far, in order.
+    Returns:
+      {"mean", "grad_norm": floats or None; "finite": both finite; "best": the smallest logged
+      loss before; "sane": finite and mean <= factor x best}, plain JSON.
+    """
+    if window is None:
+        return {"mean": None, "grad_norm": None, "finite": False, "best": None, "sane": False}
+    step, loss, gnorm = window
+    best = min((w[1] for w in history if w[0] < step and math.isfinite(w[1])), default=math.inf)
+    finite = math.isfinite(loss) and math.isfinite(gnorm)
+    return {
+        "mean": loss if math.isfinite(loss) else None,
+        "grad_norm": gnorm if math.isfinite(gnorm) else None,
+        "finite": finite,
+        "best": best if math.isfinite(best) else None,
+        "sane": finite and loss <= factor * best,
+    }
+
+
+def last_good_checkpoint(steps, losses, factor=SANE_LOSS_FACTOR):
+    """The newest checkpoint a run can go on from after a non-finite loss, or None.
+
+    The checkpoint of step s holds the parameters after update s; the loss those parameters
+    give first shows at step s + 1. So a checkpoint is judged by the first logged loss after
+    it, not by the one recorded when it was saved: that one can look fine while the last
+    update already blew the parameters up (the 1e13 a resume then fails on). It is good when
+    that next loss and gradient norm are finite and the loss is at most `factor` times the
+    smallest loss logged before it.
+
+    Args:
+      steps: the checkpoint steps on disk.
+      losses: (step, mean loss, mean grad norm) of logged windows and single steps, keyed by
+        their last step; the last one may be non-finite.
+    """
+    verdicts = []  # (step, whether its loss is finite and sane)
+    best = math.inf
+    for step, loss, gnorm in sorted(losses):
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        verdicts.append((step, finite and loss <= factor * best))
+        if finite:
+            best = min(best, loss)
+    good = None
+    for s in sorted(steps):
+        after = next((ok for step, ok in verdicts if step > s), False)
+        if after:
+            good = s
+    return good
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT, while installed, ask training to stop at the next step boundary.
+
+    The handler only records the signal; the loop saves a checkpoint after the step in flight
+    and raises `Preempted`. A second SIGINT raises KeyboardInterrupt at once, for a user who
+    will not wait for the step. Python handles signals in the main thread only: a run started
+    from another thread installs nothing and keeps the default behaviour.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signame = None
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self):
+        for sig, previous in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is closest.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        name = signal.Signals(signum).name
+        if self.signame is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signame = name
+        logging.warning(
+            "%s received: saving a checkpoint when the current step ends (SIGINT again aborts)",
+            name,
+        )
+
+    def agreed(self, poll):
+        """Whether training stops at this step.
+
+        One process decides alone, at every step. Several must stop at the same step, as saving
+        is collective: they compare flags at `poll` steps only (the log steps, where the host
+        already waits for the device), so a signal on any of them stops them all there.
+        """
+        requested = self.signame is not None
+        if jax.process_count() == 1:
+            return requested
+        if not poll:
+            return False
+        anyone = bool(multihost_utils.process_allgather(np.int32(requested)).max())
+        if anyone and not requested:
+            self.signame = "a signal to another process"
+        return anyone
+
+
+def _close_iterator(iterator):
+    """Stops a grain iterator's reader threads (shuts its thread pool, cancels prefetches)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def _release(state, iterator, mgr, writer):
+    """Stops what `run` started; returns the errors doing so (each also logged).
+
+    Waits for the device first: a step still running holds the batch's host buffers, and
+    freeing them later from an XLA thread needs the Python lock, which interpreter teardown
+    holds while it waits for those threads.
+    """
+    errors = []
+
+    def wait_for_device():
+        try:
+            jax.block_until_ready(state)
+        except Exception:  # noqa: BLE001 (a donated or failed state has nothing in flight)
+            pass
+
+    def close_checkpoints():
+        try:
+            mgr.wait_until_finished()
+        finally:
+            mgr.close()
+
+    for what, fn in (
+        ("device work", wait_for_device),
+        ("input threads", lambda: _close_iterator(iterator)),
+        ("checkpoint manager", close_checkpoints),
+        ("metrics writer", lambda: writer is not None and writer.close()),
+    ):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 (every resource gets its chance to close)
+            logging.error("closing the %s failed: %s", what, e)
+            errors.append(e)
+    return errors
 
 
 def _student_vars(state):

@@ -126,7 +126,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     config.unlock()
     config.optimizer.lr = float("nan")  # the first update poisons every parameter
     config.lock()
-    with pytest.raises(train.NonFiniteLossError, match=r"at step 1;.*student/loss_cls.*nan"):
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 2;.*student/loss_cls.*nan"):
         train.run(config, str(tmp_path))
     # nothing non-finite was checkpointed
     assert checkpoint.manager(str(tmp_path / "checkpoints")).latest_step() is None

@@ -404,3 +404,43 @@ def test_a_backend_that_disagrees_is_refused(monkeypatch):
             coco_eval.check_backend("faster_coco_eval")
     finally:
         coco_eval.check_backend.cache_clear()
+
+
+@pytest.mark.slow
+def test_messy_coco_trains_and_its_map_is_pycocotools_on_the_raw_json(tmp_path, caplog_absl):
+    from conftest import load_config
+
+    from jdistill import train
+
+    root = messy_coco(tmp_path / "coco")
+    config = load_config("retinanet_r50_coco", "runlocal")
+    config.unlock()
+    config.data.builder = "coco_folder"  # runlocal chose the synthetic set: no root was given
+    config.data.root = str(root)
+    config.model.test_score_thr = 0.0  # a 2-step model scores below 0.05: keep its guesses
+    config.eval_max_images = 0  # every image of val2017, the empty ones included
+    config.schedule.num_steps = 2
+    config.lock()
+    final = train.run(config, str(tmp_path / "run"))
+    assert "truncated.jpg: damaged image" in caplog_absl.text
+    assert "training skips 2 of 7 images without a usable box" in caplog_absl.text
+    ev = tmp_path / "run" / "eval"
+    saved = json.loads((ev / "step_2.json").read_text())
+    dets = json.loads((ev / "step_2.detections.json").read_text())
+    assert {d["image_id"] for d in dets} <= {
+        im["id"]
+        for im in json.loads((root / "annotations" / "instances_val2017.json").read_text())[
+            "images"
+        ]
+    }
+    gt = COCO(str(root / "annotations" / "instances_val2017.json"))
+    assert len(gt.getImgIds()) == 7
+    assert dets
+    ev_ = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev_.evaluate()
+    ev_.accumulate()
+    ev_.summarize()
+    want = ev_.stats[:6]
+    got = [saved[k] for k in coco_eval.METRIC_NAMES]
+    np.testing.assert_allclose(got, want)
+    assert final["bbox_mAP"] == saved["bbox_mAP"]
