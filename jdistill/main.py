@@ -46,12 +46,29 @@ def _run():
     parallel.initialize_distributed()
     config = _CONFIG.value
     logging.info("config:\n%s", config)
+    use_compilation_cache(_WORKDIR.value)
     if config.get("demo"):
         from jdistill import demo  # noqa: PLC0415
 
         demo.run(config, _WORKDIR.value)
     else:
         train.run(config, _WORKDIR.value)
+
+
+def use_compilation_cache(workdir):
+    """Keeps XLA's compiled programs in $JAX_COMPILATION_CACHE_DIR, else <workdir>/compile_cache.
+
+    A re-run (a resume, a preempted job, the next demo stage) then loads its step functions
+    instead of compiling them again: every canvas of every detector costs seconds to minutes.
+    The cache key covers the program, the compiler options and the jax version, so a stale
+    entry is never used.
+    """
+    import jax  # noqa: PLC0415
+
+    if jax.config.jax_compilation_cache_dir or not workdir:  # the environment's choice wins
+        return
+    # Created at the first compile, after the run has checked that the workdir is writable.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
 
 
 def report(e):

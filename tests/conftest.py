@@ -5,6 +5,15 @@ import pathlib
 
 import pytest
 
+# One persistent XLA compilation cache for the whole suite, its xdist workers and the CLI
+# subprocesses they start (they inherit the environment): a run that resumes, a re-run after a
+# signal and the same detector in another test load their programs instead of compiling them.
+# Set before any test module imports jax; entries are keyed by program, options and jax version.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jdistill-test-xla-cache-{os.getuid()}"),
+)
+
 # The small real data sets live beside the project, never inside it.
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = pathlib.Path(__file__).resolve().parents[1]
