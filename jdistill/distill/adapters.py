@@ -72,6 +72,12 @@ def init(rng, *, num_levels, in_channels, out_channels, kind):
 
 
 def apply_level(params, level, x):
-    """Applies level `level`'s adapter. x: [N, H, W, C_s] -> [N, H, W, C_t] (SAME, stride 1)."""
+    """Applies level `level`'s adapter in float32.
+
+    x: [N, H, W, C_s] student neck features in any float dtype (bfloat16 under mixed
+    precision) -> [N, H, W, C_t] float32 (SAME, stride 1). The adapter belongs to the
+    distillation loss, not to the network: its output is compared with the teacher's
+    features, so it is not rounded to bfloat16 (rule 8: losses in float32).
+    """
     p = params[f"level_{level}"]
-    return _conv(x, p["kernel"], p["bias"])
+    return _conv(x.astype(jnp.float32), p["kernel"], p["bias"])

@@ -4,6 +4,13 @@ returning `(outputs, taps)`, and mmdetection's dense-head test-time post-process
 A head is a flax module called as `head(features, level)` that returns a dict of per-level
 maps ({'cls_logits': [N, H, W, A*K], ...}); `DenseModule` collects them into
 `outputs[name] = [level maps]` and taps `head/{name}/p{l}`.
+
+Mixed precision (`model.dtype='bfloat16'`): backbone, FPN and head convs compute in bfloat16 on
+float32 params. A head casts its outputs to float32 as its last op, so `outputs` and the
+`head/*` taps, everything the losses, the assigners and the box coding read, are float32. The
+`backbone/*` and `neck/*` taps stay in the compute dtype (they are the activations the backward
+pass keeps anyway; a float32 copy would double them): their readers, the distillers and their
+adapters, cast them to float32 first.
 """
 
 import jax
@@ -12,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from jdistill.models import fpn as fpn_lib
+from jdistill.models import layers
 from jdistill.models import resnet as resnet_lib
 from jdistill.ops import anchors as anchor_ops
 from jdistill.ops import nms as nms_ops
@@ -39,7 +47,8 @@ class DenseModule(nn.Module):
         """images: [N, H, W, 3] normalised -> (outputs, taps).
 
         `train` puts BN in training mode when norm_eval is False (see `resnet.ResNet`).
-        taps: `backbone/c{2..5}`, `neck/p{3..7}`, `head/{output name}/p{l}`.
+        taps: `backbone/c{2..5}`, `neck/p{3..7}` (compute dtype), `head/{output name}/p{l}`
+        (float32, as `outputs`).
         """
         feats = resnet_lib.ResNet(
             self.depth,
@@ -78,7 +87,7 @@ def backbone_kwargs(cfg):
         width=cfg.width,
         norm_eval=cfg.norm_eval,
         neck_channels=cfg.neck_channels,
-        dtype=jnp.dtype(cfg.dtype),
+        dtype=layers.compute_dtype(cfg.dtype),
     )
 
 
@@ -141,9 +150,14 @@ class DenseDetector:
         return assigned > 0, boxes, labels
 
     def flat(self, outputs, name, channels):
-        """Concatenates a per-level output over levels: [B, A_total, channels]."""
+        """Concatenates a per-level output over levels: [B, A_total, channels] float32.
+
+        The heads already return float32; the cast guards the losses against any future output
+        left in a bfloat16 compute dtype (a no-op otherwise).
+        """
         b = outputs[name][0].shape[0]
-        return jnp.concatenate([x.reshape(b, -1, channels) for x in outputs[name]], axis=1)
+        flat = jnp.concatenate([x.reshape(b, -1, channels) for x in outputs[name]], axis=1)
+        return flat.astype(jnp.float32)
 
     def score_factors(self, outputs, level):
         """Per-level [B, H*W*A] factors multiplied into the final scores (FCOS centerness)."""

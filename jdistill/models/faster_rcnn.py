@@ -12,6 +12,9 @@
   score > 0.05, 100 kept.
 
 The RPN head, the proposal step and the assign-then-sample step live in `models/rpn.py`.
+Mixed precision (`model.dtype='bfloat16'`): backbone, FPN, RPN convs and the RoI head's fcs
+compute in bfloat16; the RPN and RoI head outputs are float32, and RoIAlign interpolates the
+neck in float32, so proposals, sampling, box coding and losses see float32 only (`dense.py`).
 Losses are normalised per group of `loss_group_size` images (mmdetection's per-GPU
 normalisers), as the dense detectors do. The module's `__call__` runs backbone, FPN and RPN
 (taps `head/cls_logits/p{l}` are the RPN objectness logits, which FRS reads); the RoI head is
@@ -92,9 +95,10 @@ class FasterRCNNModule(nn.Module):
     def __call__(self, images, train=False):
         """images: [N, H, W, 3] normalised -> (outputs, taps).
 
-        outputs: `cls_logits` / `box_deltas`: per-level RPN maps [N, H_l, W_l, A] / [.., 4A];
-        `neck`: the P2..P6 features. taps: `backbone/c{2..5}`, `neck/p{2..6}`,
-        `head/cls_logits/p{l}` (RPN objectness), `head/box_deltas/p{l}`.
+        outputs: `cls_logits` / `box_deltas`: per-level RPN maps [N, H_l, W_l, A] / [.., 4A]
+        float32; `neck`: the P2..P6 features (compute dtype). taps: `backbone/c{2..5}`,
+        `neck/p{2..6}` (compute dtype), `head/cls_logits/p{l}` (RPN objectness),
+        `head/box_deltas/p{l}` (float32).
         """
         feats = self.backbone(images, train)
         pyramid = self.neck(feats)
@@ -122,6 +126,9 @@ class FasterRCNNModule(nn.Module):
           cls [N, R, K + 1] and deltas [N, R, 4K] float32.
         """
         strides = FasterRCNN.strides[:4]
+        # Bilinear weights and the bin means in float32 (bfloat16 would round every weight to
+        # 8 bits); the pooled features go back to the compute dtype for the fcs.
+        neck = [f.astype(jnp.float32) for f in neck[:4]]
         pooled = jax.vmap(
             lambda f, r: roi_ops.roi_align(
                 list(f),
@@ -131,7 +138,7 @@ class FasterRCNNModule(nn.Module):
                 sampling_ratio=self.roi_sampling_ratio,
                 aligned=self.roi_aligned,
             )
-        )(tuple(neck[:4]), rois)
+        )(tuple(neck), rois)
         return self.bbox_head(pooled.astype(self.dtype))
 
 
@@ -173,8 +180,9 @@ class FasterRCNN:
         return x.shape[1] * 4, x.shape[2] * 4
 
     def _flat(self, outputs, name, channels):
+        """Per-level [B, A_l, channels] float32 (a no-op cast: the RPN head returns float32)."""
         b = outputs[name][0].shape[0]
-        return [x.reshape(b, -1, channels) for x in outputs[name]]
+        return [x.reshape(b, -1, channels).astype(jnp.float32) for x in outputs[name]]
 
     def proposals(self, outputs, batch, *, train):
         """Fixed-size proposals of every image: boxes [B, P, 4], scores [B, P], valid [B, P]."""

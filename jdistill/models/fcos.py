@@ -138,7 +138,7 @@ class FCOS(dense.DenseDetector):
             cfg.stacked_convs,
             cfg.norm_on_bbox,
             cfg.centerness_on_reg,
-            dtype=jnp.dtype(cfg.dtype),
+            dtype=layers.compute_dtype(cfg.dtype),
         )
         self.module = dense.DenseModule(
             bbox_head=head,

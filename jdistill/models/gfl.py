@@ -78,7 +78,7 @@ class GFL(dense.DenseDetector):
             cfg.neck_channels,
             cfg.stacked_convs,
             cfg.reg_max,
-            dtype=jnp.dtype(cfg.dtype),
+            dtype=layers.compute_dtype(cfg.dtype),
         )
         self.module = dense.DenseModule(
             bbox_head=head, add_extra_convs="on_output", **dense.backbone_kwargs(cfg)

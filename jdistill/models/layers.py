@@ -9,6 +9,7 @@ BN `scale`/`bias` + batch_stats `mean`/`var`) so conversion is one table.
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -19,9 +20,30 @@ xavier_uniform = nn.initializers.xavier_uniform()
 normal_001 = nn.initializers.normal(0.01)
 
 
+# Mixed precision (DESIGN.md rule 8): convs and matmuls run in the compute dtype, every param is
+# float32 (`param_dtype`), and what a loss or a box op reads is float32. float16 is refused: it
+# would need loss scaling, which nothing here does.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name):
+    """The compute dtype a model config names (`model.dtype`), refusing any but COMPUTE_DTYPES."""
+    dtype = jnp.dtype(name)
+    if dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype={name!r}: use one of {COMPUTE_DTYPES}")
+    return dtype
+
+
 def prior_bias(prior_prob=0.01):
     """Bias of a sigmoid classifier so every class starts at `prior_prob`: -log((1-p)/p)."""
     return nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob))
+
+
+# A conv on operands of any dtype that returns its float32 accumulator (identical to the plain
+# conv in float32; in bfloat16 the multiplies are bfloat16 and the rounding of the sum is skipped).
+_conv_float32_out = functools.partial(
+    jax.lax.conv_general_dilated, preferred_element_type=jnp.float32
+)
 
 
 class Conv(nn.Module):
@@ -47,6 +69,12 @@ class Conv(nn.Module):
         if self.norm is not None:
             if self.norm != "gn":
                 raise ValueError(f"norm={self.norm!r}: only 'gn' is supported in heads")
+            # GroupNorm takes the conv's float32 accumulator, not a bfloat16-rounded copy: its
+            # statistics come from this very tensor, and where a group has little spread its
+            # output is rounding noise times rsqrt(var + eps) (up to 316x). XLA's default
+            # excess precision may skip the rounding on some uses of a value and not on others,
+            # so even x - mean(x) over one element (P7 is 1 x 1 on the runlocal canvases, one
+            # channel per group) came out +-40 instead of 0 (tests/test_bf16.py).
             y = nn.Conv(
                 self.features,
                 (self.kernel, self.kernel),
@@ -56,6 +84,7 @@ class Conv(nn.Module):
                 kernel_init=self.kernel_init,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
+                conv_general_dilated=_conv_float32_out,
                 name="conv",
             )(x)
             return nn.relu(GroupNorm32(dtype=self.dtype, name="gn")(y))
@@ -76,6 +105,9 @@ class Conv(nn.Module):
 # torch BatchNorm2d: eps 1e-5, running-stat momentum 0.1 (flax counts the other way: 0.9).
 # With mmdetection's norm_eval=True (every detector config here) it runs in inference mode on
 # its running statistics; its affine params may still train (requires_grad), as configured.
+# Callers pass the compute dtype as `dtype`: flax normalises in float32 whatever the input (the
+# batch statistics are computed, and the running ones kept, in float32) and only casts the
+# result, so a bfloat16 network's activations stay bfloat16 between its convs.
 BatchNorm = functools.partial(nn.BatchNorm, epsilon=1e-5, momentum=0.9, param_dtype=jnp.float32)
 
 GroupNorm32 = functools.partial(nn.GroupNorm, num_groups=32, epsilon=1e-5, param_dtype=jnp.float32)

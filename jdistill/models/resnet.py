@@ -30,7 +30,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        bn = functools.partial(layers.BatchNorm, use_running_average=not self.bn_train)
+        bn = functools.partial(
+            layers.BatchNorm, use_running_average=not self.bn_train, dtype=self.dtype
+        )
         conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
             f, k, s, use_bias=False, dtype=self.dtype, name=name
         )
@@ -55,7 +57,9 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        bn = functools.partial(layers.BatchNorm, use_running_average=not self.bn_train)
+        bn = functools.partial(
+            layers.BatchNorm, use_running_average=not self.bn_train, dtype=self.dtype
+        )
         conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
             f, k, s, use_bias=False, dtype=self.dtype, name=name
         )
@@ -85,7 +89,8 @@ class ResNet(nn.Module):
       norm_eval: BN always on running statistics (mmdetection's default for detection).
         False trains BN on batch statistics, computed over the global batch (SyncBN), except in
         frozen stages, which mmdetection keeps in eval mode regardless.
-      dtype: compute dtype of the convs (params stay float32).
+      dtype: compute dtype of the convs and of the activations between them (params and BN
+        statistics stay float32).
     """
 
     depth: int = 50
@@ -110,7 +115,8 @@ class ResNet(nn.Module):
         block_cls = BasicBlock if self.depth < 50 else Bottleneck
         base = max(1, int(round(64 * self.width)))
         x = layers.Conv(base, 7, 2, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(layers.BatchNorm(use_running_average=not bn_train(0), name="bn1")(x))
+        bn1 = layers.BatchNorm(use_running_average=not bn_train(0), dtype=self.dtype, name="bn1")
+        x = nn.relu(bn1(x))
         x = layers.max_pool_3x3_s2(x)
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)

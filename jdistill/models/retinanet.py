@@ -70,7 +70,7 @@ class RetinaNet(dense.DenseDetector):
             self.num_anchors,
             cfg.neck_channels,
             cfg.stacked_convs,
-            dtype=jnp.dtype(cfg.dtype),
+            dtype=layers.compute_dtype(cfg.dtype),
         )
         self.module = dense.DenseModule(
             bbox_head=head, add_extra_convs="on_input", **dense.backbone_kwargs(cfg)
