@@ -8,6 +8,11 @@ import os
 
 import ml_collections
 
+from jdistill.models import faster_rcnn as faster_rcnn_model
+from jdistill.models import fcos as fcos_model
+from jdistill.models import gfl as gfl_model
+from jdistill.models import retinanet as retinanet_model
+
 
 def parse_arg(arg, **defaults):
     """Parses 'runlocal,depth=18' into a ConfigDict over `defaults`.
@@ -29,111 +34,11 @@ def parse_arg(arg, **defaults):
     return out
 
 
-def _dense_model(family, depth, **family_fields):
-    """Fields every dense detector block shares (ResNet + FPN + head, mmdetection COCO)."""
-    fields = dict(
-        family=family,
-        depth=depth,
-        style="pytorch",
-        frozen_stages=1,
-        norm_trainable=True,  # BN affine params train (requires_grad=True)
-        norm_eval=True,  # BN on running statistics (False: batch statistics, for scratch)
-        width=1.0,
-        neck_channels=256,
-        stacked_convs=4,
-        # Images per normalisation group: mmdetection normalises per GPU of 2 images.
-        loss_group_size=2,
-        test_score_thr=0.05,
-        test_nms_pre=1000,
-        test_nms_iou=0.5,
-        test_max_per_img=100,
-        dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
-    )
-    fields.update(family_fields)
-    return ml_collections.ConfigDict(fields)
-
-
-def retinanet(depth=50):
-    """mmdetection retinanet_r{depth}_fpn: ResNet + FPN (P6 on C5) + RetinaHead, COCO settings."""
-    return _dense_model(
-        "retinanet",
-        depth,
-        octave_base_scale=4,
-        scales_per_octave=3,
-        anchor_ratios=(0.5, 1.0, 2.0),
-        pos_iou_thr=0.5,
-        neg_iou_thr=0.4,
-        min_pos_iou=0.0,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-        cls_loss_weight=1.0,
-        bbox_loss_weight=1.0,
-    )
-
-
-def gfl(depth=50):
-    """mmdetection gfl_r{depth}_fpn: ResNet + FPN (P6 on P5) + GFLHead (GN), ATSS, QFL/DFL/GIoU."""
-    return _dense_model(
-        "gfl",
-        depth,
-        octave_base_scale=8,
-        reg_max=16,
-        atss_topk=9,
-        qfl_beta=2.0,
-        qfl_weight=1.0,
-        dfl_weight=0.25,
-        giou_weight=2.0,
-        test_nms_iou=0.6,
-    )
-
-
-def fcos(depth=50):
-    """mmdetection fcos_r{depth}_caffe_fpn_gn-head: caffe ResNet (BN frozen), FPN with ReLU
-    before P7, GN head; focal + IoU + centerness; no tricks (norm_on_bbox etc. off)."""
-    return _dense_model(
-        "fcos",
-        depth,
-        style="caffe",
-        norm_trainable=False,  # caffe backbones: BN fully frozen (requires_grad=False)
-        norm_on_bbox=False,
-        centerness_on_reg=False,
-        center_sampling=False,
-        center_sample_radius=1.5,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-    )
-
-
-def faster_rcnn(depth=50):
-    """mmdetection faster_rcnn_r{depth}_fpn: ResNet + FPN (P2..P6) + RPN + Shared2FC RoI head."""
-    return _dense_model(
-        "faster_rcnn",
-        depth,
-        anchor_scale=8,
-        anchor_ratios=(0.5, 1.0, 2.0),
-        rpn_pos_iou=0.7,
-        rpn_neg_iou=0.3,
-        rpn_min_pos_iou=0.3,
-        rpn_num=256,
-        rpn_pos_fraction=0.5,
-        rpn_train_nms_pre=2000,
-        rpn_train_max_num=1000,
-        rpn_test_nms_pre=1000,
-        rpn_test_max_num=1000,
-        rpn_nms_iou=0.7,
-        roi_pos_iou=0.5,
-        roi_num=512,
-        roi_pos_fraction=0.25,
-        roi_output_size=7,
-        # Samples per RoIAlign bin along each axis. mmcv's 0 (adaptive) cannot be static;
-        # tests/test_roi_align.py measures what a fixed 2 x 2 grid changes.
-        roi_sampling_ratio=2,
-        roi_aligned=True,
-        fc_channels=1024,
-        cls_loss_weight=1.0,
-        bbox_loss_weight=1.0,
-        test_nms_pre=-1,  # (proposal, class) pairs entering the final NMS; -1: all of them
-    )
+# Each family's `model` block lives next to its model (`models/<family>.py: defaults`).
+retinanet = retinanet_model.defaults
+gfl = gfl_model.defaults
+fcos = fcos_model.defaults
+faster_rcnn = faster_rcnn_model.defaults
 
 
 def coco_data(root="", builder="coco_folder"):

@@ -1,49 +1,31 @@
 """The trainer: one readable function `run(config, workdir)`, in banner sections.
 
-config checks / schedule and optimizer / data / models / teacher / state / step / eval / loop
+config checks / eval / loop
 
-The teacher is read-only data: a separate variables pytree passed into the jitted step, run
-outside `value_and_grad` under `stop_gradient`, never in the optimizer or a checkpoint. One
-`jax.jit` over a `Mesh` shards the batch over `data`; each canvas compiles once.
+The models, the distillation terms, the state and the jitted step come from
+`experiment.setup`; each canvas compiles once. No method or detector family is named here:
+what a distiller needs is checked against what the detectors provide (`distill/plan.py`).
 """
 
 import math
 import os
-import re
 import signal
 import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jdistill import checkpoint, metrics_writer, parallel
-from jdistill.data import pipeline
-from jdistill.distill import adapters as adapter_lib
-from jdistill.distill import registry
+from jdistill import checkpoint, experiment, metrics_writer, parallel
+from jdistill.data import pipeline, sources
+from jdistill.distill import api, plan
 from jdistill.evaluate import coco as coco_eval
 from jdistill.evaluate import visualize
 from jdistill.evaluate import voc as voc_eval
 from jdistill.models import detector as detector_lib
-from jdistill.models import resnet as resnet_lib
-
-# Batch entries the device needs; the rest (orig_shape, dropped_boxes) stay on the host.
-DEVICE_KEYS = (
-    "image",
-    "boxes",
-    "labels",
-    "box_valid",
-    "img_shape",
-    "pad_shape",
-    "scale_factor",
-    "image_valid",
-    "image_id",
-)
 
 
 class ConfigError(ValueError):
@@ -119,29 +101,22 @@ def _check_integers(config):
 def check_config(config):
     """Refuses inconsistent configs before anything is loaded or compiled (`ConfigError`)."""
     _check_integers(config)
-    distill = config.get("distill")
     teacher = config.get("teacher")
-    if distill and distill.get("losses"):
+    try:
+        terms = plan.terms(config)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from e
+    if terms:
         if not teacher:
             raise ConfigError("config.distill has losses but config.teacher is not set")
-        if teacher.model.family != config.model.family:
-            raise ConfigError(
-                f"teacher family {teacher.model.family!r} differs from the student's "
-                f"{config.model.family!r}: the distillers compare their taps level by level"
-            )
-        for name, lcfg in distill.losses.items():
-            entry = registry.get(lcfg.fn)
-            if entry.teacher_roi_head and config.model.family != "faster_rcnn":
-                raise ConfigError(f"distill.losses.{name} ({lcfg.fn}) needs a two-stage detector")
-            if lcfg.fn == "defeat_dense_kd" and config.model.family != "retinanet":
-                raise ConfigError(
-                    f"distill.losses.{name} (defeat_dense_kd) reads RetinaNet's anchor "
-                    f"assignment; the student is {config.model.family!r}"
-                )
-            if entry.uses_adapter and lcfg.get("adapter") not in adapter_lib.KERNELS:
-                raise ConfigError(
-                    f"distill.losses.{name}.adapter must be one of {sorted(adapter_lib.KERNELS)}"
-                )
+        # The specs do not depend on the class count: any count builds them.
+        spec = api.Pair(
+            detector_lib.build(config.model, 1).spec,
+            detector_lib.build(teacher.model, 1).spec,
+        )
+        errors = plan.problems(terms, spec)
+        if errors:
+            raise ConfigError("; ".join(errors))
         if not teacher.get("init"):
             if config.runlocal:
                 logging.warning(
@@ -197,310 +172,13 @@ def check_workdir(workdir):
         raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
 
 
-# ============================================================================ schedule / optimizer
-
-
-def lr_schedule(opt_cfg, sched_cfg, steps_per_epoch):
-    """mmdetection's warm-up + step LR as an optax schedule of the global iteration index.
-
-    Returns (schedule fn, total steps). Linear warm-up: base * (1 - (1 - i / W) * (1 - ratio));
-    constant: base * ratio; then base * 0.1^k with k = milestones passed (in epochs, or scaled
-    to `num_steps` when that overrides the epoch count).
-    """
-    base = opt_cfg.lr
-    if sched_cfg.num_steps > 0:
-        total = int(sched_cfg.num_steps)
-        milestones = [round(m / sched_cfg.epochs * total) for m in sched_cfg.milestones]
-    else:
-        total = int(sched_cfg.epochs * steps_per_epoch)
-        milestones = [int(m * steps_per_epoch) for m in sched_cfg.milestones]
-    warm = int(sched_cfg.warmup_steps)
-    ratio = float(sched_cfg.warmup_ratio)
-    kind = sched_cfg.warmup
-    if kind not in ("linear", "constant", "none"):
-        raise ValueError(f"schedule.warmup={kind!r}: use 'linear', 'constant' or 'none'")
-
-    def schedule(i):
-        i = jnp.asarray(i, jnp.float32)
-        k = sum((i >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
-        lr = base * 0.1**k
-        if kind == "linear" and warm > 0:
-            # = 1 - (1 - i / W) * (1 - ratio), mmcv's form, rearranged to keep float32 precision
-            lr = jnp.where(i < warm, lr * (ratio + (1 - ratio) * i / warm), lr)
-        elif kind == "constant" and warm > 0:
-            lr = jnp.where(i < warm, lr * ratio, lr)
-        return lr
-
-    return schedule, total
-
-
-def trainable_labels(params, model_cfg, opt_cfg=None):
-    """Per param: 'frozen' (frozen stages, frozen BN: no update at all), 'bias' (a conv or
-    linear bias, which mmcv's paramwise_cfg treats apart) or 'train'."""
-    frozen = resnet_lib.frozen_prefixes(model_cfg.frozen_stages)
-    split_bias = opt_cfg is not None and (
-        opt_cfg.get("bias_lr_mult", 1.0) != 1.0 or opt_cfg.get("bias_decay_mult", 1.0) != 1.0
-    )
-
-    def label(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[0] == "student" and len(names) > 2 and names[1] == "backbone":
-            if any(names[2] == f or (f.endswith("_") and names[2].startswith(f)) for f in frozen):
-                return "frozen"
-        is_norm = any(re.match(r"(bn\d*|downsample_bn|gn)$", n) for n in names)
-        if not model_cfg.norm_trainable and is_norm and names[1] == "backbone":
-            return "frozen"
-        if split_bias and names[-1] == "bias" and not is_norm:
-            return "bias"  # norm layers keep lr x1 and decay x1 (norm_decay_mult defaults to 1)
-        return "train"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def make_optimizer(opt_cfg, model_cfg, params, schedule):
-    """SGD as mmdetection/torch: [clip] -> + wd * p -> momentum trace -> * -lr.
-
-    Frozen params get no update; with bias_lr_mult / bias_decay_mult (FCOS: 2 and 0) conv
-    biases get their own lr and weight decay. Clipping is over all gradients, before decay.
-    """
-
-    def sgd(lr_mult, decay_mult):
-        lr = schedule if lr_mult == 1.0 else (lambda i: lr_mult * schedule(i))
-        return optax.chain(
-            optax.add_decayed_weights(opt_cfg.weight_decay * decay_mult),
-            optax.trace(decay=opt_cfg.momentum, nesterov=False),
-            optax.scale_by_learning_rate(lr),
-        )
-
-    labels = trainable_labels(params, model_cfg, opt_cfg)
-    tx = optax.multi_transform(
-        {
-            "train": sgd(1.0, 1.0),
-            "bias": sgd(opt_cfg.get("bias_lr_mult", 1.0), opt_cfg.get("bias_decay_mult", 1.0)),
-            "frozen": optax.set_to_zero(),
-        },
-        labels,
-    )
-    if opt_cfg.grad_clip > 0:
-        # Frozen params have requires_grad=False in the reference: not part of the clip norm.
-        frozen = jax.tree_util.tree_map(lambda lab: lab == "frozen", labels)
-        tx = optax.chain(
-            optax.masked(optax.set_to_zero(), frozen),
-            optax.clip_by_global_norm(opt_cfg.grad_clip),
-            tx,
-        )
-    return tx
-
-
-# ============================================================================ models
-
-
-def model_inputs(detector, model_cfg, batch):
-    """The network input for a detector: normalised canvas in its style and compute dtype."""
-    return detector_lib.preprocess(
-        batch["image"], batch["img_shape"], model_cfg.style, jnp.dtype(model_cfg.dtype)
-    )
-
-
-def init_variables(detector, canvas, seed):
-    """Random {'params', 'batch_stats'} for a detector at a canvas (numpy-free, on device)."""
-    dummy = jnp.zeros((1, *canvas, 3), jnp.float32)
-    return jax.jit(detector.module.init)(jax.random.PRNGKey(seed), dummy)
-
-
-# ============================================================================ teacher
-
-
-def load_teacher(config, detector, split, canvas):
-    """Teacher variables from `teacher.init`, checked strictly; random only under runlocal.
-
-    `teacher.init` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one
-    step) or an mmdetection `.pth` / `.safetensors`, converted on load.
-    """
-    expected = jax.eval_shape(
-        detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
-    )
-    path = config.teacher.get("init")
-    if not path:
-        return init_variables(detector, canvas, config.seed + 1)
-    merged, class_names = load_variables(
-        path, expected, config.teacher.model, config.teacher.get("init_skip", ()), "teacher"
-    )
-    if class_names and tuple(class_names) != split.class_names:
-        raise ValueError(
-            f"teacher {path} was trained on classes {list(class_names)} but the data set has "
-            f"{list(split.class_names)}; refusing to distil from a mismatched teacher"
-        )
-    logging.info("teacher loaded from %s", path)
-    return jax.tree_util.tree_map(jnp.asarray, merged)
-
-
-def load_variables(path, expected, model_cfg, skip, what):
-    """{'params', 'batch_stats'} for a model from `path`, strictly.
-
-    `path` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one step) or an
-    mmdetection `.pth` / `.safetensors` (a whole detector, or an ImageNet backbone), converted
-    on load. Returns (variables, the class names the checkpoint was trained on, or None).
-    """
-    if path.endswith((".pth", ".safetensors")):
-        from jdistill.convert import mmdet  # noqa: PLC0415 (needs the [convert] extra)
-
-        return mmdet.load_variables(
-            path,
-            expected,
-            family=model_cfg.family,
-            skip=tuple(skip),
-            what=what,
-            backbone_ok=what != "teacher",
-        )
-    loaded, meta = checkpoint.load_model_variables(path)
-    merged = checkpoint.check_and_merge(loaded, expected, skip=tuple(skip), what=f"{what} {path}")
-    return merged, (meta or {}).get("class_names")
-
-
-# ============================================================================ state
-
-
-def init_state(config, student, teacher_neck, canvas, tx_builder, load_init=True):
-    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step.
-
-    With `load_init`, the student starts from `config.init` (when set); a resumed run passes
-    False, since its checkpoint replaces these values anyway.
-    """
-    variables = init_variables(student, canvas, config.seed)
-    rng = jax.random.PRNGKey(config.seed + 2)
-    adapters = {}
-    for name, lcfg in distill_losses(config).items():
-        if registry.get(lcfg.fn).uses_adapter:
-            rng, key = jax.random.split(rng)
-            adapters[name] = adapter_lib.init(
-                key,
-                num_levels=len(student.levels),
-                in_channels=config.model.neck_channels,
-                out_channels=teacher_neck,
-                kind=lcfg.adapter,
-            )
-    params = {"student": variables["params"], "adapters": adapters}
-    path = config.get("init") if load_init else None
-    if path:
-        expected = {"params": params["student"], "batch_stats": variables["batch_stats"]}
-        merged, _ = load_variables(
-            path, expected, config.model, config.get("init_skip", ()), "student init"
-        )
-        params["student"] = merged["params"]
-        variables = {"batch_stats": merged["batch_stats"]}
-        logging.info("student initialised from %s", path)
-    tx = tx_builder(params)
-    return {
-        "step": jnp.int32(0),
-        "params": params,
-        "batch_stats": variables["batch_stats"],
-        "opt_state": tx.init(params),
-        "bad_step": jnp.int32(-1),
-    }, tx
-
-
-def distill_losses(config):
-    distill = config.get("distill")
-    if not distill or not distill.get("losses"):
-        return {}
-    return dict(distill.losses.items())
-
-
-# ============================================================================ step
-
-
-def make_train_step(config, student, teacher, tx, schedule, total_steps=0):
-    """The jittable step(state, teacher_vars, batch) -> (state, metrics)."""
-    losses = distill_losses(config)
-    warmup = config.distill.warmup_steps if losses else 0
-    decay = config.distill.get("decay", "none") if losses else "none"
-    loss_cfgs = {}
-    for name, lcfg in losses.items():
-        c = ml_collections.ConfigDict(lcfg.to_dict())
-        c.levels, c.strides = student.levels, student.strides
-        c.num_classes = student.num_classes
-        loss_cfgs[name] = c
-    # Losses that compare RoI-head outputs run the teacher's RoI head on the student's RoIs.
-    teacher_rois = any(registry.get(c.fn).teacher_roi_head for c in loss_cfgs.values())
-    base_key = jax.random.PRNGKey(config.seed + 3)
-
-    def step_fn(state, teacher_vars, batch):
-        step = state["step"]
-        x_s = model_inputs(student, config.model, batch)
-        t_taps = t_outputs = None
-        if teacher is not None:
-            x_t = model_inputs(teacher, config.teacher.model, batch)
-            t_outputs, t_taps = jax.lax.stop_gradient(teacher.module.apply(teacher_vars, x_t))
-        key = jax.random.fold_in(base_key, step)  # the samplers' randomness, by step
-
-        def loss_fn(params):
-            variables = {"params": params["student"], "batch_stats": state["batch_stats"]}
-            if config.model.norm_eval:
-                (outputs, taps), new_stats = student.module.apply(variables, x_s), None
-            else:
-                (outputs, taps), upd = student.module.apply(
-                    variables, x_s, train=True, mutable=["batch_stats"]
-                )
-                new_stats = upd["batch_stats"]
-            taps = dict(taps)
-            total, det = student.loss(outputs, batch, variables=variables, rng=key, taps=taps)
-            metrics = {f"student/{k}": v for k, v in det.items()}
-            teacher_view = t_taps
-            if teacher_rois:
-                rois = jax.lax.stop_gradient(taps["roi/rois"])
-                t_cls, _ = teacher.roi_logits(teacher_vars, t_outputs, rois)
-                teacher_view = {**t_taps, "roi/cls_logits": jax.lax.stop_gradient(t_cls)}
-            w = registry.warmup_factor(step, warmup) * registry.decay_factor(
-                step, total_steps, decay
-            )
-            for name, c in loss_cfgs.items():
-                value, extra = registry.get(c.fn).fn(
-                    taps, teacher_view, batch, params["adapters"].get(name), cfg=c
-                )
-                if value is None and c.weight != 0:
-                    raise ValueError(f"distillation loss {name!r} ({c.fn}) produced no value")
-                contrib = w * c.weight * value
-                metrics[f"distill/{name}"] = contrib
-                metrics.update({f"distill/{name}/{k}": v for k, v in extra.items()})
-                total = total + contrib
-            metrics["loss"] = total
-            return total, (metrics, new_stats)
-
-        (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
-        )
-        if new_stats is None:
-            new_stats = state["batch_stats"]
-        gnorm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # A non-finite step leaves params and optimizer untouched and is reported by the host at
-        # its next log or checkpoint, so no per-step device->host sync is needed.
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda a, b: jnp.where(finite, a, b), new, old
-        )
-        new_state = {
-            "step": step + 1,
-            "params": keep(params, state["params"]),
-            "batch_stats": keep(new_stats, state["batch_stats"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            # The first non-finite update, counted from 1 as the log counts (-1: none yet).
-            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]),
-        }
-        metrics["grad_norm"] = gnorm
-        metrics["lr"] = schedule(step)
-        return new_state, metrics
-
-    return step_fn
-
-
 def make_predict(detector, model_cfg):
     """predict(variables, batch) -> fixed-size detections in original-image pixels."""
 
     def predict(variables, batch):
-        outputs, _ = detector.module.apply(variables, model_inputs(detector, model_cfg, batch))
+        outputs, _ = detector.module.apply(
+            variables, experiment.model_inputs(detector, model_cfg, batch)
+        )
         dets = detector.predict(outputs, batch, variables=variables)
         dets["image_id"] = batch["image_id"]
         dets["image_valid"] = batch["image_valid"]
@@ -523,7 +201,7 @@ def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, cat
     batches = iter(pipeline.eval_dataset(split, config.data, config.eval_batch_size))
     try:
         for local in batches:
-            batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
+            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
             dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
             results += coco_eval.to_results(
                 dets, dets["image_id"], dets["image_valid"], category_ids
@@ -616,12 +294,11 @@ def run(config, workdir, *, stop_at_step=None):
     )
 
     # ------------------------------------------------------------------ data
-    train_split = pipeline.load_split(config.data, config.data.train_split)
+    train_split = sources.load_split(config.data, config.data.train_split)
     eval_split = subset(
-        pipeline.load_split(config.data, config.data.eval_split), config.eval_max_images
+        sources.load_split(config.data, config.data.eval_split), config.eval_max_images
     )
     sampler = pipeline.TrainSampler(train_split, config.data, config.batch_size, config.seed)
-    schedule, total_steps = lr_schedule(config.optimizer, config.schedule, sampler.steps_per_epoch)
     logging.info(
         "data: %d training images (%d steps/epoch of %d), %d eval images, %d classes",
         sampler.num_images,
@@ -633,24 +310,21 @@ def run(config, workdir, *, stop_at_step=None):
     num_classes = len(train_split.class_names)
     canvas = tuple(config.data.canvases[0])
 
-    # ------------------------------------------------------------------ models and teacher
-    student = detector_lib.build(config.model, num_classes)
-    teacher = teacher_vars = None
-    if distill_losses(config):
-        teacher = detector_lib.build(config.teacher.model, num_classes)
-        teacher_vars = load_teacher(config, teacher, train_split, canvas)
-        teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
-
-    # ------------------------------------------------------------------ state
-    tx_builder = lambda params: make_optimizer(  # noqa: E731
-        config.optimizer, config.model, params, schedule
-    )
-    teacher_neck = config.teacher.model.neck_channels if teacher is not None else 0
+    # ------------------------------------------------------------------ models, state, step
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     latest = mgr.latest_step()
-    state, tx = init_state(config, student, teacher_neck, canvas, tx_builder, latest is None)
-    state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
-    state = jax.device_put(state, state_sharding)
+    exp = experiment.setup(
+        config,
+        mesh,
+        num_classes=num_classes,
+        canvas=canvas,
+        steps_per_epoch=sampler.steps_per_epoch,
+        class_names=train_split.class_names,
+        load_init=latest is None,
+    )
+    student, teacher, teacher_vars = exp.student, exp.teacher, exp.teacher_vars
+    state, state_sharding, train_step = exp.state, exp.state_sharding, exp.train_step
+    total_steps = exp.total_steps
     meta = {
         "class_names": list(train_split.class_names),
         "category_ids": list(train_split.category_ids),
@@ -678,13 +352,6 @@ def run(config, workdir, *, stop_at_step=None):
     stop_signals = _StopSignals()
     finished = False
     try:
-        batch_sh = parallel.batch_sharding(mesh)
-        train_step = jax.jit(
-            make_train_step(config, student, teacher, tx, schedule, total_steps),
-            in_shardings=(state_sharding, parallel.replicated(mesh), batch_sh),
-            out_shardings=(state_sharding, parallel.replicated(mesh)),
-            donate_argnums=(0,),
-        )
         predict_student = jax.jit(make_predict(student, config.model))
         writer = metrics_writer.MetricWriter(workdir)
         # A run killed after its last checkpoint logged steps this one trains again: drop them
@@ -820,7 +487,7 @@ def run(config, workdir, *, stop_at_step=None):
         stop_signals.install()
         for step in range(start, end):
             local = next(iterator)
-            batch = parallel.global_batch({k: local[k] for k in DEVICE_KEYS}, mesh)
+            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
             state, metrics = train_step(state, teacher_vars, batch)
             done = step + 1
             pending.append((done, metrics))

@@ -46,8 +46,9 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jdistill import parallel, train  # noqa: E402
-from jdistill.data import pipeline  # noqa: E402
+from jdistill import experiment, parallel, train  # noqa: E402
+from jdistill.data import pipeline, sources  # noqa: E402
+from jdistill.distill import plan  # noqa: E402
 from jdistill.evaluate import coco as coco_eval  # noqa: E402
 from jdistill.models import detector as detector_lib  # noqa: E402
 
@@ -166,29 +167,16 @@ def synthetic_batch(batch, canvas, max_boxes, num_classes, seed=0):
 
 def bench_train(config, batch_size, canvas, num_classes, mesh, steps):
     """Compiles and times jdistill's train step. Returns images/s."""
-    student = detector_lib.build(config.model, num_classes)
-    teacher = teacher_vars = None
-    if train.distill_losses(config):
-        teacher = detector_lib.build(config.teacher.model, num_classes)
-        teacher_vars = jax.device_put(
-            train.init_variables(teacher, canvas, 1), parallel.replicated(mesh)
-        )
-    schedule, _ = train.lr_schedule(config.optimizer, config.schedule, 1000)
-    tx_builder = lambda p: train.make_optimizer(config.optimizer, config.model, p, schedule)  # noqa: E731
-    teacher_neck = config.teacher.model.neck_channels if teacher is not None else 0
-    state, tx = train.init_state(config, student, teacher_neck, canvas, tx_builder)
-    state_sh = parallel.param_shardings(state, mesh, config.param_sharding)
-    state = jax.device_put(state, state_sh)
-    local = synthetic_batch(batch_size, canvas, config.data.max_boxes, num_classes)
-    batch = parallel.global_batch({k: local[k] for k in train.DEVICE_KEYS}, mesh)
-    step = jax.jit(
-        train.make_train_step(config, student, teacher, tx, schedule),
-        in_shardings=(state_sh, parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(state_sh, parallel.replicated(mesh)),
-        donate_argnums=(0,),
+    # Full-size configs name no teacher checkpoint: setup then draws a random teacher, which
+    # costs the same.
+    exp = experiment.setup(
+        config, mesh, num_classes=num_classes, canvas=canvas, steps_per_epoch=1000
     )
+    state, teacher_vars = exp.state, exp.teacher_vars
+    local = synthetic_batch(batch_size, canvas, config.data.max_boxes, num_classes)
+    batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, teacher_vars, batch).compile()
+    compiled = exp.train_step.lower(state, teacher_vars, batch).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -231,10 +219,10 @@ def bench_eval(config, eval_batch, canvas, num_classes, mesh, steps):
     model_cfg = eval_model_cfg(config.model, _EVAL_THR.value)
     student = detector_lib.build(model_cfg, num_classes)
     variables = jax.device_put(
-        train.init_variables(student, canvas, config.seed), parallel.replicated(mesh)
+        experiment.init_variables(student, canvas, config.seed), parallel.replicated(mesh)
     )
     local = synthetic_batch(eval_batch, canvas, config.data.max_boxes, num_classes, seed=1)
-    batch = parallel.global_batch({k: local[k] for k in train.DEVICE_KEYS}, mesh)
+    batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
     predict = jax.jit(train.make_predict(student, model_cfg))
     t0 = time.perf_counter()
     compiled = predict.lower(variables, batch).compile()
@@ -285,7 +273,7 @@ def input_data_cfg(config, canvas_override):
 def bench_input(config, batch_size, canvas_override, num_batches):
     """Images/s of the grain train pipeline alone (read, decode, resize, flip, pad, batch)."""
     data_cfg = input_data_cfg(config, canvas_override)
-    split = pipeline.load_split(data_cfg, "train")
+    split = sources.load_split(data_cfg, "train")
     sampler = pipeline.TrainSampler(split, data_cfg, batch_size, config.seed)
     ds = pipeline.train_dataset(
         split, sampler, data_cfg, seed=config.seed, num_steps=num_batches + 1
@@ -340,7 +328,7 @@ class TorchSide:
         self.num_classes = num_classes
         self.canvas = canvas
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.losses = train.distill_losses(config)
+        self.losses = {t.key: t.cfg for t in plan.terms(config)}
         self.describe = []
         local = synthetic_batch(batch_size, canvas, config.data.max_boxes, num_classes)
         self.images = [

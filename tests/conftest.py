@@ -76,3 +76,23 @@ def crafted_batch(per_image, num_classes, seed=0, canvas=(64, 96)):
         "image_valid": jnp.ones(b, bool),
     }
     return batch, boxes, labels, valid
+
+
+def spec_pair(levels=("p3",), strides=(8,), *, channels=1, num_classes=1, anchors=None):
+    """An `api.Pair` of two same-family specs with these levels, for calling losses directly."""
+    from jdistill.distill import api
+
+    spec = api.DetectorSpec(
+        family="retinanet",
+        levels=tuple(levels),
+        strides=tuple(strides),
+        channels=channels,
+        num_classes=num_classes,
+        num_anchors=1,
+        anchors=anchors or {},
+        reg_max=0,
+        provides=("neck", "head/cls_logits"),
+        loss_taps=(),
+        views=(),
+    )
+    return api.Pair(spec, spec)

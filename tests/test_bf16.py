@@ -36,13 +36,12 @@ import math
 import jax
 import jax.extend
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from conftest import crafted_batch, load_config
 
 from jdistill.distill import adapters as adapter_lib
-from jdistill.distill import registry
+from jdistill.distill import api, plan
 from jdistill.models import detector as detector_lib
 from jdistill.models import layers
 
@@ -138,15 +137,13 @@ def model_config(family, dtype):
 
 
 def distill_configs(family, det):
-    """The family's configured FRS / DeFeat loss blocks, completed as the trainer does."""
-    out = {}
+    """The family's configured FRS / DeFeat terms (`plan.Term`), resolved as the trainer does."""
+    del det
+    out = []
     for spec in FAMILIES[family][1]:
         name, _, arg = spec.partition(":")
         arg = ",".join(filter(None, ["runlocal", arg]))
-        for key, block in load_config(name, arg).distill.losses.items():
-            c = ml_collections.ConfigDict(block.to_dict())
-            c.levels, c.strides, c.num_classes = det.levels, det.strides, det.num_classes
-            out[key] = c
+        out.extend(plan.terms(load_config(name, arg)))
     return out
 
 
@@ -176,7 +173,7 @@ def make_step(det, dtype, losses):
     it: teacher forward outside the gradient, the detector's losses, then every distillation
     term (weighted as configured). `seen` records the dtypes of what reaches the losses."""
     seen = {}
-    teacher_roi_head = any(registry.get(c.fn).teacher_roi_head for c in losses.values())
+    pair = api.Pair(det.spec, det.spec)
 
     def step(params, batch_stats, t_vars, adapters, batch, rng):
         x = detector_lib.preprocess(batch["image"], batch["img_shape"], det.cfg.style, dtype)
@@ -188,16 +185,17 @@ def make_step(det, dtype, losses):
             taps = dict(taps)
             total, metrics = det.loss(outputs, batch, variables=variables, rng=rng, taps=taps)
             teacher_view = dict(t_taps)
-            if teacher_roi_head:
-                t_cls, _ = det.roi_logits(t_vars, t_out, jax.lax.stop_gradient(taps["roi/rois"]))
-                teacher_view["roi/cls_logits"] = jax.lax.stop_gradient(t_cls)
-            terms = {f"det/{k}": v for k, v in metrics.items()}
-            for name, c in losses.items():
-                value, _ = registry.get(c.fn).fn(
-                    taps, teacher_view, batch, adapters.get(name), cfg=c
+            for view in plan.views(losses):
+                teacher_view.update(
+                    jax.lax.stop_gradient(det.view(view, t_vars, t_out, t_taps, taps))
                 )
-                terms[f"distill/{name}"] = value
-                total = total + c.weight * value
+            terms = {f"det/{k}": v for k, v in metrics.items()}
+            for term in losses:
+                value, _ = term.distiller.loss(
+                    taps, teacher_view, batch, adapters.get(term.key), cfg=term.cfg, spec=pair
+                )
+                terms[f"distill/{term.key}"] = value
+                total = total + term.cfg.weight * value
             seen.update(
                 outputs={k: v for k, v in outputs.items() if k != "neck"},
                 head_taps={k: v for k, v in taps.items() if k.startswith(("head/", "roi/"))},
@@ -228,17 +226,7 @@ def family_run(family):
         if dtype == "float32":
             student, teacher = lively_variables(det, 1), lively_variables(det, 2)
             losses = distill_configs(family, det)
-            adapters = {
-                name: adapter_lib.init(
-                    jax.random.PRNGKey(3 + i),
-                    num_levels=len(det.levels),
-                    in_channels=det.cfg.neck_channels,
-                    out_channels=det.cfg.neck_channels,
-                    kind=c.adapter,
-                )
-                for i, (name, c) in enumerate(losses.items())
-                if registry.get(c.fn).uses_adapter
-            }
+            adapters = plan.init_params(jax.random.PRNGKey(3), losses, api.Pair(det.spec, det.spec))
         step, seen = make_step(det, jnp.dtype(dtype), losses)
         args = (
             student["params"],

@@ -213,20 +213,18 @@ def test_convert_script_and_pth_teacher_init(tmp_path):
     assert meta["class_names"] == ["a", "b", "c"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
     # teacher.init may also name the .pth itself; a class mismatch is refused
-    from types import SimpleNamespace
-
     import ml_collections
 
-    from jdistill import train
+    from jdistill import experiment
 
     config = ml_collections.ConfigDict(
         dict(seed=0, teacher=dict(model=cfg.to_dict(), init=src, init_skip=()))
     )
     det = detector.build(cfg, 3)
-    direct = train.load_teacher(config, det, SimpleNamespace(class_names=("a", "b", "c")), (64, 96))
+    direct = experiment.load_teacher(config, det, ("a", "b", "c"), (64, 96))
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(direct), variables)
     with pytest.raises(ValueError, match="mismatched teacher"):
-        train.load_teacher(config, det, SimpleNamespace(class_names=("x", "y", "z")), (64, 96))
+        experiment.load_teacher(config, det, ("x", "y", "z"), (64, 96))
 
 
 def test_imagenet_backbone_initialises_the_student_backbone_only(tmp_path):

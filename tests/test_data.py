@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import shared_data
 
-from jdistill.data import pipeline
+from jdistill.data import pipeline, sources
 from jdistill.data.builders import coco_folder, synthetic_shapes
 from jdistill.evaluate import coco as coco_eval
 
@@ -47,7 +47,7 @@ def test_synthetic_examples_are_deterministic_and_sane():
 
 @pytest.fixture(scope="module")
 def shapes_train():
-    return pipeline.load_split(data_cfg(), "train")
+    return sources.load_split(data_cfg(), "train")
 
 
 def test_sampler_groups_by_canvas_and_covers_the_epoch(shapes_train):
@@ -102,7 +102,7 @@ def test_processed_example_bookkeeping(shapes_train):
 
 
 def test_eval_batches_cover_every_image_once():
-    split = pipeline.load_split(data_cfg(), "validation")
+    split = sources.load_split(data_cfg(), "validation")
     plan = pipeline.eval_batches(split, data_cfg(), 16)
     real = np.concatenate([idx[r] for _, idx, r in plan])
     assert sorted(real.tolist()) == list(range(len(split)))
@@ -117,7 +117,7 @@ def test_coco8_reads_like_mmdetection():
         canvases=((800, 1344), (1344, 800)),
         max_boxes=100,
     )
-    split = pipeline.load_split(cfg, "validation")
+    split = sources.load_split(cfg, "validation")
     ann = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     assert len(split) == len(ann["images"])
     cat_ids = sorted(c["id"] for c in ann["categories"])

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import spec_pair
 
 from jdistill.distill import defeat, registry
 
@@ -77,7 +78,9 @@ def _neck_case(pad, **overrides):
         )
     )
     cfg.update(overrides)
-    return defeat.defeat_neck(student, teacher, targets, adapter, cfg=cfg)
+    return defeat.defeat_neck(
+        student, teacher, targets, adapter, cfg=cfg, spec=spec_pair(cfg.levels, cfg.strides)
+    )
 
 
 def test_decoupled_neck_loss_by_hand():
@@ -136,8 +139,8 @@ def test_roi_kd_splits_by_label_with_separate_temperatures():
             group_size=0,
         )
     )
-    loss, parts = registry.get("defeat_roi_kd").fn(
-        student, {"roi/cls_logits": zt}, None, None, cfg=cfg
+    loss, parts = registry.get("defeat_roi_kd").loss(
+        student, {"roi/cls_logits": zt}, None, None, cfg=cfg, spec=spec_pair(num_classes=k)
     )
     fg = 2.0 * (_kl(zs[0, 0], zt[0, 0], 1.0) + _kl(zs[0, 1], zt[0, 1], 1.0)) / 2
     bg = 3.0 * _kl(zs[0, 2], zt[0, 2], 4.0)
@@ -157,8 +160,8 @@ def test_dense_kd_averages_positives_and_negatives_apart():
         "assign/neg": jnp.asarray([[False, True, False]]),
     }
     cfg = ml_collections.ConfigDict(dict(levels=("p3",), pos_weight=2.0, neg_weight=0.5))
-    loss, parts = registry.get("defeat_dense_kd").fn(
-        taps, {"head/cls_logits/p3": zt}, None, None, cfg=cfg
+    loss, parts = registry.get("defeat_dense_kd").loss(
+        taps, {"head/cls_logits/p3": zt}, None, None, cfg=cfg, spec=spec_pair()
     )
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
     assert float(parts["pos"]) == pytest.approx(2.0 * (sp(1.0) - 0.5))
@@ -278,6 +281,8 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
     }
     s_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, s, strict=True)}
     t_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, t, strict=True)}
+    # Faster R-CNN's anchors (scale 8, ratios 0.5 / 1 / 2), which the FGFI masks are made of.
+    spec = spec_pair(levels, strides, anchors={"anchor_scale": 8, "anchor_ratios": (0.5, 1, 2)})
     for decoupled in (True, False):
         cfg = ml_collections.ConfigDict(
             dict(
@@ -292,10 +297,10 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
                 roi_phi=0.5,
             )
         )
-        got, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg)
+        got, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg, spec=spec)
         want = _ref_neck_loss(s, t, ref_masks, decoupled)
         assert float(got) == pytest.approx(want, rel=1e-5), (mask, decoupled)
     # Our default leaves the padding (beyond the 96 x 128 padded image) out of the background.
     cfg.update(count_padding=False, decoupled=True)
-    ours, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg)
+    ours, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg, spec=spec)
     assert float(ours) != pytest.approx(_ref_neck_loss(s, t, ref_masks, True), rel=1e-3)

@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from conftest import spec_pair
 
 from jdistill.distill import adapters, frs, registry
 
-CFG = ml_collections.ConfigDict(dict(levels=("p3",), strides=(8,), adapter="conv1x1"))
+CFG = ml_collections.ConfigDict(dict(adapter="conv1x1"))
+SPEC = spec_pair()
 
 
 def identity_adapter(channels):
@@ -29,8 +31,8 @@ def test_spec_test_vector():
     t = taps(jnp.ones((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)))
     s = taps(jnp.ones((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)))
     targets = {"pad_shape": jnp.array([[16, 16]])}
-    l_feat, _ = frs.frs_feat(s, t, targets, zero_adapter(1), cfg=CFG)
-    l_cls, _ = frs.frs_cls(s, t, targets, None, cfg=CFG)
+    l_feat, _ = frs.frs_feat(s, t, targets, zero_adapter(1), cfg=CFG, spec=SPEC)
+    l_cls, _ = frs.frs_cls(s, t, targets, None, cfg=CFG, spec=SPEC)
     np.testing.assert_allclose(l_feat, 1.0, rtol=1e-6)
     np.testing.assert_allclose(l_cls, math.log(2), rtol=1e-6)
 
@@ -42,12 +44,14 @@ def test_hand_case_with_uneven_mask_and_channels():
     s_feat = jnp.zeros((1, 1, 2, 2))
     targets = {"pad_shape": jnp.array([[8, 16]])}
     l_feat, _ = frs.frs_feat(
-        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(2), cfg=CFG
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(2), cfg=CFG, spec=SPEC
     )
     # sum_c (T - 0)^2 = 5 and 9; weighted (.5*5 + .75*9) / 1.25
     np.testing.assert_allclose(l_feat, (0.5 * 5 + 0.75 * 9) / 1.25, rtol=1e-6)
     s_logits = jnp.zeros((1, 1, 2, 2))
-    l_cls, _ = frs.frs_cls(taps(None, s_logits), taps(None, t_logits), targets, None, cfg=CFG)
+    l_cls, _ = frs.frs_cls(
+        taps(None, s_logits), taps(None, t_logits), targets, None, cfg=CFG, spec=SPEC
+    )
     # student logit 0: BCE(.5, q) = ln 2 for any q, per channel: 2 ln 2 per pixel
     np.testing.assert_allclose(l_cls, 2 * math.log(2), rtol=1e-6)
 
@@ -59,13 +63,13 @@ def test_padding_pixels_do_not_count():
     # the image is 8 px wide at stride 8: only column 0 is valid
     targets = {"pad_shape": jnp.array([[16, 8]])}
     l_feat, _ = frs.frs_feat(
-        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=CFG
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=CFG, spec=SPEC
     )
     np.testing.assert_allclose(l_feat, 1.0, rtol=1e-6)
     cfg = CFG.copy_and_resolve_references()
     cfg.count_padding = True
     l_all, _ = frs.frs_feat(
-        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=cfg
+        taps(s_feat, None), taps(t_feat, t_logits), targets, identity_adapter(1), cfg=cfg, spec=SPEC
     )
     np.testing.assert_allclose(l_all, (2 * 1 + 2 * 99**2) / 4, rtol=1e-6)
 
@@ -80,8 +84,8 @@ def test_no_gradient_reaches_the_teacher():
     a = identity_adapter(4)
 
     def total(tf, tl, sf, sl):
-        f, _ = frs.frs_feat(taps(sf, sl), taps(tf, tl), targets, a, cfg=CFG)
-        c, _ = frs.frs_cls(taps(sf, sl), taps(tf, tl), targets, a, cfg=CFG)
+        f, _ = frs.frs_feat(taps(sf, sl), taps(tf, tl), targets, a, cfg=CFG, spec=SPEC)
+        c, _ = frs.frs_cls(taps(sf, sl), taps(tf, tl), targets, a, cfg=CFG, spec=SPEC)
         return f + c
 
     g = jax.grad(total, argnums=(0, 1, 2, 3))(t_feat, t_logits, s_feat, s_logits)
@@ -103,7 +107,9 @@ def test_adapters_init_shapes_and_torch_bounds():
 
 
 def test_registry_and_warmup():
-    assert registry.get("frs_feat").uses_adapter and not registry.get("frs_cls").uses_adapter
+    assert (
+        registry.get("frs_feat").init is frs.init_adapters and registry.get("frs_cls").init is None
+    )
     np.testing.assert_allclose(registry.warmup_factor(jnp.int32(250), 500), 0.5)
     np.testing.assert_allclose(registry.warmup_factor(jnp.int32(900), 500), 1.0)
     np.testing.assert_allclose(registry.warmup_factor(jnp.int32(3), 0), 1.0)

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jdistill import config_lib, train
+from jdistill import config_lib, optim
 
 
 def sched(**kw):
@@ -15,7 +15,7 @@ def sched(**kw):
 
 
 def test_linear_warmup_and_steps_follow_mmdetection():
-    fn, total = train.lr_schedule(config_lib.sgd(0.01), sched(), steps_per_epoch=1000)
+    fn, total = optim.lr_schedule(config_lib.sgd(0.01), sched(), steps_per_epoch=1000)
     assert total == 12000
     np.testing.assert_allclose(fn(0), 0.01 * 0.001, rtol=1e-5)
     np.testing.assert_allclose(fn(250), 0.01 * (1 - 0.5 * 0.999), rtol=1e-5)
@@ -26,7 +26,7 @@ def test_linear_warmup_and_steps_follow_mmdetection():
 
 
 def test_constant_warmup_and_num_steps_override():
-    fn, total = train.lr_schedule(
+    fn, total = optim.lr_schedule(
         config_lib.sgd(0.01), sched(warmup="constant", warmup_ratio=1 / 3, num_steps=1200), 7
     )
     assert total == 1200
@@ -34,7 +34,7 @@ def test_constant_warmup_and_num_steps_override():
     np.testing.assert_allclose(fn(799), 0.01, rtol=1e-5)
     np.testing.assert_allclose(fn(800), 0.001, rtol=1e-5)  # milestone 8/12 of 1200
     with pytest.raises(ValueError, match="warmup"):
-        train.lr_schedule(config_lib.sgd(0.01), sched(warmup="cosine"), 7)
+        optim.lr_schedule(config_lib.sgd(0.01), sched(warmup="cosine"), 7)
 
 
 def test_sgd_matches_torch():
@@ -45,7 +45,7 @@ def test_sgd_matches_torch():
     lr = 0.1
     model_cfg = ml_collections.ConfigDict(dict(frozen_stages=-1, norm_trainable=True))
     params = {"student": {"head": {"w": jnp.asarray(w0)}}}
-    tx = train.make_optimizer(config_lib.sgd(lr), model_cfg, params, lambda i: lr)
+    tx = optim.make_optimizer(config_lib.sgd(lr), model_cfg, params, lambda i: lr)
     state = tx.init(params)
     for g in grads:
         upd, state = tx.update({"student": {"head": {"w": jnp.asarray(g)}}}, state, params)
@@ -75,7 +75,7 @@ def test_frozen_stages_and_frozen_bn_get_no_update():
         "adapters": {"frs_feat": {"level_0": {"kernel": jnp.ones(3)}}},
     }
     cfg = ml_collections.ConfigDict(dict(frozen_stages=1, norm_trainable=True))
-    labels = train.trainable_labels(params, cfg)
+    labels = optim.trainable_labels(params, cfg)
     b = labels["student"]["backbone"]
     assert b["conv1"]["conv"]["kernel"] == "frozen" and b["bn1"]["scale"] == "frozen"
     assert b["layer1_0"]["conv1"]["conv"]["kernel"] == "frozen"
@@ -83,10 +83,10 @@ def test_frozen_stages_and_frozen_bn_get_no_update():
     assert labels["adapters"]["frs_feat"]["level_0"]["kernel"] == "train"
     cfg.norm_trainable = False  # FCOS: BN fully frozen
     assert (
-        train.trainable_labels(params, cfg)["student"]["backbone"]["layer2_0"]["bn1"]["scale"]
+        optim.trainable_labels(params, cfg)["student"]["backbone"]["layer2_0"]["bn1"]["scale"]
         == "frozen"
     )
-    tx = train.make_optimizer(config_lib.sgd(0.1), cfg, params, lambda i: 0.1)
+    tx = optim.make_optimizer(config_lib.sgd(0.1), cfg, params, lambda i: 0.1)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     upd, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, upd)

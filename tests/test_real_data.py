@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jdistill import config_lib
-from jdistill.data import decode, pipeline
+from jdistill.data import decode, pipeline, sources
 from jdistill.data.builders import coco_folder, tfds_coco
 from jdistill.evaluate import coco as coco_eval
 
@@ -110,8 +110,8 @@ def test_decode_tolerates_or_refuses_truncated_jpeg_and_converts_modes():
 def test_coco_folder_with_empty_images_and_a_truncated_jpeg(tmp_path, caplog_absl):
     root = messy_coco(tmp_path / "coco")
     data = coco_cfg(root)
-    train = pipeline.load_split(data, "train")
-    val = pipeline.load_split(data, "validation")
+    train = sources.load_split(data, "train")
+    val = sources.load_split(data, "validation")
     assert len(train) == 4 + 3 and len(val) == 4 + 3  # every image kept
     log = caplog_absl.text
     assert "truncated.jpg: damaged image" in log and "decoded tolerantly" in log
@@ -138,7 +138,7 @@ def test_coco_folder_with_empty_images_and_a_truncated_jpeg(tmp_path, caplog_abs
     ) == list(range(len(val)))
     # a strict run refuses the prepared data, naming the file
     with pytest.raises(decode.ImageDecodeError, match="truncated.jpg"):
-        pipeline.load_split(coco_cfg(root, strict_images=True), "train")
+        sources.load_split(coco_cfg(root, strict_images=True), "train")
 
 
 def test_strict_preparation_names_the_file(tmp_path):
@@ -150,7 +150,7 @@ def test_strict_preparation_names_the_file(tmp_path):
 
 def test_coco_map_equals_pycocotools_on_the_raw_json(tmp_path):
     root = messy_coco(tmp_path / "coco")
-    val = pipeline.load_split(coco_cfg(root), "validation")
+    val = sources.load_split(coco_cfg(root), "validation")
     ann_file = root / "annotations" / "instances_val2017.json"
     raw = json.loads(ann_file.read_text())
     # detections: every raw box jittered, plus false positives, on every image
@@ -192,7 +192,7 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog_absl):
     data["images"].append({"id": 777, "file_name": "html.jpg", "width": 10, "height": 10})
     ann_file.write_text(json.dumps(data))
     (root / "train2017" / "html.jpg").write_bytes(b"<html>404</html>")
-    train = pipeline.load_split(coco_cfg(root), "train")
+    train = sources.load_split(coco_cfg(root), "train")
     assert 777 not in train.image_ids and len(train) == 6
     assert "skipped 1 undecodable images" in caplog_absl.text and "html.jpg" in caplog_absl.text
 
@@ -215,15 +215,15 @@ class _Broken:
 def test_input_errors_name_split_record_and_file(tmp_path):
     root = messy_coco(tmp_path / "coco", truncated=False)
     data = coco_cfg(root, num_workers=2)
-    train = pipeline.load_split(data, "train")
-    train.source = pipeline.DecodingSource(
+    train = sources.load_split(data, "train")
+    train.source = sources.DecodingSource(
         _Broken(train.source.raw), "train", train.file_names, False
     )
-    with pytest.raises(pipeline.InputError, match=r"split 'train', record 1 \(train2017/"):
+    with pytest.raises(sources.InputError, match=r"split 'train', record 1 \(train2017/"):
         train.source[1]
     # the same error, raised in a grain worker thread, reaches the caller whole
     plan = pipeline.eval_dataset(train, data, 8)
-    with pytest.raises(pipeline.InputError, match=rf"record 1 \({train.file_names[1]}\)"):
+    with pytest.raises(sources.InputError, match=rf"record 1 \({train.file_names[1]}\)"):
         list(plan)
 
 
@@ -263,7 +263,7 @@ def test_voc_bad_boxes_skipped_misspelt_class_warned(tmp_path, caplog_absl):
     )
     data = config_lib.voc_data(str(root), years="07")
     data.num_workers = 0
-    split = pipeline.load_split(data, "train")
+    split = sources.load_split(data, "train")
     log = caplog_absl.text
     assert "class 'racoon' occurs in one file only" in log and "0002.xml" in log
     assert "skipped 2 VOC boxes" in log and "0000.xml raccoon box [50.0, 10.0, 20.0, 30.0]" in log
@@ -309,7 +309,7 @@ def test_official_coco_2017_through_mock_data():
     data.scales = ((128, 96),)
     data.canvases = ((128, 128),)
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-        split = pipeline.load_split(data, "coco/2017:validation")
+        split = sources.load_split(data, "coco/2017:validation")
         ex = split.source[2]
     assert len(split) == 3 and len(split.class_names) == 80
     np.testing.assert_array_equal(split.image_ids, [1000, 1001, 1002])
@@ -376,7 +376,7 @@ def test_faster_coco_eval_backend_equals_pycocotools(tmp_path):
     pytest.importorskip("faster_coco_eval")
     assert coco_eval.check_backend("faster_coco_eval")
     root = messy_coco(tmp_path / "coco")
-    val = pipeline.load_split(coco_cfg(root), "validation")
+    val = sources.load_split(coco_cfg(root), "validation")
     gt = coco_eval.ground_truth(val)
     _, results = coco_eval.fixture(num_images=3)
     ids = sorted(gt.getImgIds())

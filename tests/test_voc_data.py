@@ -8,7 +8,7 @@ from conftest import shared_data
 from PIL import Image
 
 from jdistill import config_lib
-from jdistill.data import pipeline
+from jdistill.data import pipeline, sources
 from jdistill.data.builders import voc_folder
 
 XML = """<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -52,9 +52,9 @@ def test_voc_folder_keeps_difficult_and_shifts_to_zero_based(tmp_path):
         test_ids=("c",),
     )
     data = voc_cfg(root)
-    train = pipeline.load_split(data, "train")
+    train = sources.load_split(data, "train")
     assert train.class_names == ("fox", "owl")  # not VOC's 20: the sorted names found
-    assert len(train) == 2 and len(pipeline.load_split(data, "validation")) == 1
+    assert len(train) == 2 and len(sources.load_split(data, "validation")) == 1
     ia = list(train.image_ids).index(0)  # image "a": position 0 of VOC2007 trainval
     a = train.objects[ia]
     np.testing.assert_allclose(a["bbox"], [[0, 0, 29, 19], [10, 5, 50, 35]])
@@ -70,13 +70,13 @@ def test_voc_folder_errors_name_the_file(tmp_path):
     bad = root / "VOC2007/Annotations/a.xml"
     bad.write_text("<annotation><size>")
     with pytest.raises(voc_folder.VocFolderError, match="a.xml"):
-        pipeline.load_split(voc_cfg(root), "train")
+        sources.load_split(voc_cfg(root), "train")
 
 
 def test_raccoon_voc_prepares_with_its_one_class():
     data = voc_cfg(shared_data("raccoon_voc"))
-    train = pipeline.load_split(data, "train")
-    test = pipeline.load_split(data, "validation")
+    train = sources.load_split(data, "train")
+    test = sources.load_split(data, "validation")
     assert (len(train), len(test)) == (160, 40)
     assert train.class_names == ("raccoon",)
     assert all(len(o["label"]) >= 1 for o in test.objects)
@@ -112,7 +112,7 @@ def test_official_voc_07_plus_12_through_mock_data():
     data.canvases = ((128, 128),)
     parts = ("voc/2007:train+validation", "voc/2012:train+validation")
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-        split = pipeline.load_split(data, parts)
+        split = sources.load_split(data, parts)
         ex = split.source[4]  # the 2012 part's second example
     assert len(split) == 5 and split.class_names == voc_folder.VOC_CLASSES
     np.testing.assert_array_equal(split.heights, [40, 41, 42, 40, 41])
@@ -127,4 +127,4 @@ def test_bad_tfds_split_names_the_expected_form():
     data = config_lib.voc_data()
     data.builder = "tfds_voc"
     with pytest.raises(ValueError, match="name:split"):
-        pipeline.load_split(data, "voc2007")
+        sources.load_split(data, "voc2007")

@@ -26,7 +26,7 @@ FIRST = 3  # files named per kind of problem
 
 
 def split_report(split, data_cfg):
-    """Statistics of one `pipeline.Split`. -> dict (see `format_report` for the fields)."""
+    """Statistics of one `sources.Split`. -> dict (see `format_report` for the fields)."""
     from jdistill.data import pipeline  # noqa: PLC0415 (after flags: heavy imports)
 
     per_class = collections.Counter()
@@ -109,12 +109,12 @@ def draw(split, n, path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jdistill.data import pipeline  # noqa: PLC0415
+    from jdistill.data import sources  # noqa: PLC0415
 
     data_cfg = _CONFIG.value.data
     try:
-        train = pipeline.load_split(data_cfg, data_cfg.train_split)
-        splits = [train, pipeline.load_split(data_cfg, data_cfg.eval_split)]
+        train = sources.load_split(data_cfg, data_cfg.train_split)
+        splits = [train, sources.load_split(data_cfg, data_cfg.eval_split)]
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

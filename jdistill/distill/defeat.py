@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdistill.distill import adapters, frs
+from jdistill.distill import adapters, api, frs
 from jdistill.ops import anchors as anchor_ops
 from jdistill.ops import boxes as box_ops
 from jdistill.ops import roi_align as roi_ops
@@ -83,8 +83,12 @@ def roi_mask_level(boxes, on_level, anchors, feat_hw, num_anchors, phi):
     return hit.any(axis=1).reshape(*feat_hw, num_anchors).any(-1).astype(jnp.float32)
 
 
-def level_masks(cfg, targets, level_hws):
-    """Per-level [N, H_l, W_l] foreground masks of the configured kind (`cfg.mask`)."""
+def level_masks(cfg, targets, level_hws, strides, anchors):
+    """Per-level [N, H_l, W_l] foreground masks of the configured kind (`cfg.mask`).
+
+    `strides` of the levels; `anchors`: the student's anchor settings (`anchor_scale`,
+    `anchor_ratios`), which the 'roi' (FGFI) masks are made of.
+    """
     kind = cfg.get("mask", "gt")
     if kind not in MASKS:
         raise ValueError(f"DeFeat mask {kind!r}: use one of {MASKS}")
@@ -94,14 +98,14 @@ def level_masks(cfg, targets, level_hws):
     num_levels = len(level_hws)
     valid = targets["box_valid"] & targets["image_valid"][:, None]
     lvl = gt_levels(targets["boxes"], num_levels)  # [N, G]
-    ratios = tuple(cfg.get("anchor_ratios", (0.5, 1.0, 2.0)))
+    ratios = tuple(anchors.get("anchor_ratios", (0.5, 1.0, 2.0)))
     masks = []
-    for i, (hw, stride) in enumerate(zip(level_hws, cfg.strides, strict=True)):
+    for i, (hw, stride) in enumerate(zip(level_hws, strides, strict=True)):
         on = valid & (lvl == i)
         if kind == "gt":
             fn = functools.partial(gt_mask_level, feat_hw=hw, stride=stride)
         else:
-            base = anchor_ops.base_anchors(stride, [cfg.get("anchor_scale", 8)], ratios)
+            base = anchor_ops.base_anchors(stride, [anchors.get("anchor_scale", 8)], ratios)
             fn = functools.partial(
                 roi_mask_level,
                 anchors=jnp.asarray(anchor_ops.grid_anchors(hw, stride, base)),
@@ -122,7 +126,7 @@ def _groups(x, group_size):
     return x.reshape(n // g, -1).sum(axis=1)
 
 
-def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat's decoupled neck loss (`decoupled=True`) or FGFI's foreground-only loss.
 
     Per level l, with D = A_l(S_l) - T_l over [N, H, W, C], mask M and pixel validity V:
@@ -134,24 +138,25 @@ def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg):
     Args:
       student_taps / teacher_taps: `neck/{level}` [N, H, W, C].
       targets: the batch: `boxes`, `box_valid`, `image_valid`, `pad_shape`.
-      adapter_params: one adapter conv per level (`adapters.py`).
-      cfg: levels, strides, mask ('gt' | 'roi' | 'all'), decoupled, fg_weight, bg_weight,
-        group_size, count_padding, roi_phi.
+      adapter_params: one adapter conv per level pair (`adapters.py`).
+      cfg: mask ('gt' | 'roi' | 'all'), decoupled, fg_weight, bg_weight, group_size,
+        count_padding, roi_phi.
+      spec: the student/teacher `api.Pair`; levels pair by stride, 'roi' masks use the
+        student's anchors.
     Returns:
       (scalar, {'fg', 'bg', 'fg_cells'}).
     """
-    hws = [tuple(teacher_taps[f"neck/{lvl}"].shape[1:3]) for lvl in cfg.levels]
-    masks = level_masks(cfg, targets, hws)
+    pairs = api.paired_levels(spec)
+    hws = [tuple(teacher_taps[f"neck/{t_lvl}"].shape[1:3]) for _, _, t_lvl, _ in pairs]
+    strides = [stride for *_, stride in pairs]
+    masks = level_masks(cfg, targets, hws, strides, spec.student.anchors)
     g = cfg.get("group_size", 0)
     fg_total, bg_total, cells = 0.0, 0.0, 0.0
-    for i, (lvl, stride) in enumerate(zip(cfg.levels, cfg.strides, strict=True)):
-        s = adapters.apply_level(adapter_params, i, student_taps[f"neck/{lvl}"]).astype(jnp.float32)
-        t = jax.lax.stop_gradient(teacher_taps[f"neck/{lvl}"].astype(jnp.float32))
+    for i, s_lvl, t_lvl, stride in pairs:
+        s = adapters.apply_level(adapter_params, i, student_taps[f"neck/{s_lvl}"])
+        t = jax.lax.stop_gradient(teacher_taps[f"neck/{t_lvl}"].astype(jnp.float32))
         c = t.shape[-1]
-        if cfg.get("count_padding", False):
-            valid = jnp.ones(masks[i].shape, jnp.float32)
-        else:
-            valid = frs.pixel_valid(targets["pad_shape"], hws[i], stride)
+        valid = api.level_valid(targets, hws[i], stride, cfg)
         valid = valid * targets["image_valid"][:, None, None]
         sq = jnp.square(s - t).sum(-1)  # [N, H, W]
         fg = masks[i] * valid
@@ -159,7 +164,7 @@ def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg):
         fg_total += jnp.mean(_groups(fg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(fg, g)))
         bg_total += jnp.mean(_groups(bg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(bg, g)))
         cells += fg.sum()
-    n_levels = len(cfg.levels)
+    n_levels = len(pairs)
     fg_loss = cfg.fg_weight * fg_total / n_levels
     bg_loss = cfg.bg_weight * bg_total / n_levels if cfg.get("decoupled", True) else 0.0
     return fg_loss + bg_loss, {"fg": fg_loss, "bg": jnp.float32(bg_loss), "fg_cells": cells}
@@ -182,7 +187,7 @@ def temperature_kl(student_logits, teacher_logits, rows, temperature, group_size
     return jnp.mean(jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0)) * t * t
 
 
-def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat's decoupled proposal KD on the student's sampled RoIs (`SampleSTU`).
 
     The teacher's RoI head ran on the same RoIs (`roi/cls_logits` in the teacher taps), so the
@@ -198,8 +203,9 @@ def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
     del targets, adapter_params
     labels = student_taps["roi/labels"]
     valid = student_taps["roi/valid"]
-    fg_rows = valid & (labels < cfg.num_classes)
-    bg_rows = valid & (labels == cfg.num_classes)
+    k = spec.student.num_classes
+    fg_rows = valid & (labels < k)
+    bg_rows = valid & (labels == k)
     g = cfg.get("group_size", 0)
     zs, zt = student_taps["roi/cls_logits"], teacher_taps["roi/cls_logits"]
     fg = cfg.fg_weight * temperature_kl(zs, zt, fg_rows, cfg.fg_temperature, g)
@@ -207,7 +213,7 @@ def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
     return fg + bg, {"fg": fg, "bg": bg}
 
 
-def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat for one-stage detectors: decoupled dense classification KD.
 
     Per prior, kd = T^2 * sum_k BCE(sigmoid(z_s / T), sigmoid(z_t / T)); averaged separately
@@ -227,10 +233,10 @@ def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg)
     n = student_taps["assign/pos"].shape[0]
     a_total = student_taps["assign/pos"].shape[1]
     zs = jnp.concatenate(
-        [student_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in cfg.levels], 1
+        [student_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in spec.student.levels], 1
     )
     zt = jnp.concatenate(
-        [teacher_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in cfg.levels], 1
+        [teacher_taps[f"head/cls_logits/{lvl}"].reshape(n, -1) for lvl in spec.teacher.levels], 1
     )
     zs = zs.reshape(n, a_total, -1).astype(jnp.float32) / t
     q = jax.nn.sigmoid(jax.lax.stop_gradient(zt).reshape(n, a_total, -1).astype(jnp.float32) / t)
@@ -243,3 +249,32 @@ def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg)
         val = jnp.mean(_groups(kd * sel, g) / jnp.maximum(1.0, _groups(sel, g)))
         out[name] = cfg[f"{name}_weight"] * val
     return out["pos"] + out["neg"], out
+
+
+_SAME_HEAD = (
+    "it compares the {what} of both heads one to one, which another family's head does not have"
+)
+DISTILLERS = {
+    "defeat_neck": api.Distiller(
+        defeat_neck,
+        student_taps=("neck",),
+        teacher_taps=("neck",),
+        init=frs.init_adapters,
+        defaults={"mask": "gt", "decoupled": True, "group_size": 0, "count_padding": False},
+        check=frs.check_adapter,
+    ),
+    "defeat_roi_kd": api.Distiller(
+        defeat_roi_kd,
+        student_taps=("roi",),
+        views=("teacher_roi_head_on_student_rois",),
+        defaults={"group_size": 0},
+        same_family=_SAME_HEAD.format(what="RoI classifications"),
+    ),
+    "defeat_dense_kd": api.Distiller(
+        defeat_dense_kd,
+        student_taps=("head/cls_logits", "assign"),
+        teacher_taps=("head/cls_logits",),
+        defaults={"temperature": 1.0, "group_size": 0},
+        same_family=_SAME_HEAD.format(what="anchor classifications"),
+    ),
+}

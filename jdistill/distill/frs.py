@@ -12,23 +12,13 @@ have had) are excluded from sums and mask mass; set `count_padding=True` to incl
 import jax
 import jax.numpy as jnp
 
-from jdistill.distill import adapters
+from jdistill.distill import adapters, api
 from jdistill.losses import detection as det_losses
 
 
 def richness_mask(teacher_logits):
     """M = stop_gradient(max_k sigmoid(z_t)). teacher_logits: [N, H, W, K] -> [N, H, W]."""
     return jax.lax.stop_gradient(jax.nn.sigmoid(teacher_logits.astype(jnp.float32)).max(-1))
-
-
-def pixel_valid(pad_shape, feat_hw, stride):
-    """[N, H, W] float mask of cells inside ceil(pad_shape / stride). pad_shape: [N, 2]."""
-    h, w = feat_hw
-    vh = (pad_shape[:, 0] + stride - 1) // stride
-    vw = (pad_shape[:, 1] + stride - 1) // stride
-    ys = jnp.arange(h)[None, :, None] < vh[:, None, None]
-    xs = jnp.arange(w)[None, None, :] < vw[:, None, None]
-    return (ys & xs).astype(jnp.float32)
 
 
 def frs_level(student_feat, teacher_feat, student_logits, teacher_logits, valid):
@@ -61,62 +51,100 @@ def frs_level(student_feat, teacher_feat, student_logits, teacher_logits, valid)
     return l_feat, l_cls
 
 
-def _level_inputs(student_taps, teacher_taps, targets, cfg):
-    """Yields (level index, level name, valid [N, H, W] float) for each configured level."""
-    for i, (lvl, stride) in enumerate(zip(cfg.levels, cfg.strides, strict=True)):
-        t_logits = teacher_taps[f"head/cls_logits/{lvl}"]
-        n, h, w, _ = t_logits.shape
-        if cfg.get("count_padding", False):
-            valid = jnp.ones((n, h, w), jnp.float32)
-        else:
-            valid = pixel_valid(targets["pad_shape"], (h, w), stride)
-        yield i, lvl, valid
+def _levels(teacher_taps, batch, cfg, spec):
+    """Yields (pair index, student level, teacher level, valid [N, H, W] float) per level pair
+    (paired by stride, `api.paired_levels`)."""
+    for i, s_lvl, t_lvl, stride in api.paired_levels(spec):
+        hw = teacher_taps[f"head/cls_logits/{t_lvl}"].shape[1:3]
+        yield i, s_lvl, t_lvl, api.level_valid(batch, hw, stride, cfg)
 
 
-def frs_feat(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+def frs_feat(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """FRS feature term: sum_l sum M (T - A(S))^2 / sum M, before weight and warm-up.
 
     Args:
-      student_taps: `neck/p{l}` [N, H, W, C] student neck features.
-      teacher_taps: `neck/p{l}` [N, H, W, C] and `head/cls_logits/p{l}` [N, H, W, K] (the
+      student_taps: `neck/p{l}` [N, H, W, C_s] student neck features.
+      teacher_taps: `neck/p{l}` [N, H, W, C_t] and `head/cls_logits/p{l}` [N, H, W, K] (the
         richness source: RetinaNet anchor x class logits, GFL joint scores, FCOS class logits,
         the RPN objectness for Faster R-CNN).
-      targets: the batch; uses `pad_shape` [N, 2] int32.
-      adapter_params: params of `adapters.LevelAdapters`, one conv per level.
-      cfg: `levels`, `strides`, `adapter` (kernel spec), optional `count_padding`.
+      batch: uses `pad_shape` [N, 2] int32.
+      params: `adapters.init` params, one conv per level pair.
+      cfg: `adapter` (kernel kind), optional `count_padding`.
+      spec: the student/teacher `api.Pair`.
     Returns:
       (scalar loss, {} metrics).
     """
     total = jnp.float32(0.0)
-    for i, lvl, valid in _level_inputs(student_taps, teacher_taps, targets, cfg):
-        adapted = adapters.apply_level(adapter_params, i, student_taps[f"neck/{lvl}"])
+    for i, s_lvl, t_lvl, valid in _levels(teacher_taps, batch, cfg, spec):
+        adapted = adapters.apply_level(params, i, student_taps[f"neck/{s_lvl}"])
         l_feat, _ = frs_level(
             adapted,
-            teacher_taps[f"neck/{lvl}"],
+            teacher_taps[f"neck/{t_lvl}"],
             None,
-            teacher_taps[f"head/cls_logits/{lvl}"],
+            teacher_taps[f"head/cls_logits/{t_lvl}"],
             valid,
         )
         total += l_feat
     return total, {}
 
 
-def frs_cls(student_taps, teacher_taps, targets, adapter_params, *, cfg):
+def frs_cls(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """FRS classification term: sum_l sum M BCE(sigmoid(z_s), sigmoid(z_t)) / sum M.
 
-    Args: as `frs_feat`, reading `head/cls_logits/p{l}` [N, H, W, K] from both; no adapter.
+    Args: as `frs_feat`, reading `head/cls_logits/p{l}` [N, H, W, K] from both; no params.
     Returns:
       (scalar loss, {} metrics).
     """
-    del adapter_params
+    del params
     total = jnp.float32(0.0)
-    for _, lvl, valid in _level_inputs(student_taps, teacher_taps, targets, cfg):
+    for _, s_lvl, t_lvl, valid in _levels(teacher_taps, batch, cfg, spec):
         _, l_cls = frs_level(
             None,
             None,
-            student_taps[f"head/cls_logits/{lvl}"],
-            teacher_taps[f"head/cls_logits/{lvl}"],
+            student_taps[f"head/cls_logits/{s_lvl}"],
+            teacher_taps[f"head/cls_logits/{t_lvl}"],
             valid,
         )
         total += l_cls
     return total, {}
+
+
+def init_adapters(rng, *, cfg, spec):
+    """One adapter conv (`cfg.adapter`: conv3x3, conv1x1 or defeat3x3) per level pair, mapping
+    the student's neck channels onto the teacher's."""
+    return adapters.init(
+        rng,
+        num_levels=len(api.paired_levels(spec)),
+        in_channels=spec.student.channels,
+        out_channels=spec.teacher.channels,
+        kind=cfg.adapter,
+    )
+
+
+def check_adapter(cfg, spec):
+    del spec
+    if cfg.get("adapter") not in adapters.KERNELS:
+        return f"adapter must be one of {sorted(adapters.KERNELS)}, not {cfg.get('adapter')!r}"
+    return None
+
+
+DISTILLERS = {
+    "frs_feat": api.Distiller(
+        frs_feat,
+        student_taps=("neck",),
+        teacher_taps=("neck", "head/cls_logits"),
+        init=init_adapters,
+        defaults={"adapter": "conv3x3", "count_padding": False},
+        check=check_adapter,
+    ),
+    "frs_cls": api.Distiller(
+        frs_cls,
+        student_taps=("head/cls_logits",),
+        teacher_taps=("head/cls_logits",),
+        defaults={"count_padding": False},
+        same_family=(
+            "it compares classification logits prior by prior, and another family's head has "
+            "other priors and outputs"
+        ),
+    ),
+}

@@ -1,43 +1,39 @@
-"""Distillation losses by name, for configs.
+"""Distillers by name, for configs: every module of `jdistill/distill/` that defines
+`DISTILLERS = {name: api.Distiller}` is registered, so a new method needs no edit here.
 
-A loss is a pure function `fn(student_taps, teacher_taps, targets, adapter_params, *, cfg)
--> (scalar, metrics)`. `adapter` says whether the loss owns student-side adapters
-(`cfg.adapter` names the kind); `teacher_taps` lists the teacher taps it reads, so the trainer
-knows which parts of the teacher it needs.
+Also the loss schedule factors the trainer applies to every distiller (warm-up, DeFeat's decay).
 """
 
-import dataclasses
-from collections.abc import Callable
+import functools
+import importlib
+import pkgutil
 
 import jax.numpy as jnp
 
-from jdistill.distill import defeat, frs
+import jdistill.distill as package
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillLoss:
-    fn: Callable
-    uses_adapter: bool
-    teacher_taps: tuple[str, ...]
-    # The loss reads the teacher's RoI head on the student's sampled RoIs (`roi/cls_logits` in
-    # the teacher taps); the trainer computes it when any configured loss asks.
-    teacher_roi_head: bool = False
-
-
-LOSSES = {
-    "frs_feat": DistillLoss(frs.frs_feat, True, ("neck", "head/cls_logits")),
-    "frs_cls": DistillLoss(frs.frs_cls, False, ("head/cls_logits",)),
-    "defeat_neck": DistillLoss(defeat.defeat_neck, True, ("neck",)),
-    "defeat_roi_kd": DistillLoss(defeat.defeat_roi_kd, False, ("neck",), teacher_roi_head=True),
-    "defeat_dense_kd": DistillLoss(defeat.defeat_dense_kd, False, ("head/cls_logits",)),
-}
+@functools.cache
+def all_distillers():
+    """{name: Distiller} from every module of the package, checked for clashing names."""
+    found, owner = {}, {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, distiller in getattr(module, "DISTILLERS", {}).items():
+            if name in found:
+                raise RuntimeError(
+                    f"distiller {name!r} is registered by both {owner[name]} and {info.name}"
+                )
+            found[name], owner[name] = distiller, info.name
+    return found
 
 
 def get(name):
-    """The `DistillLoss` registered as `name`; a clear error listing the known names."""
-    if name not in LOSSES:
-        raise KeyError(f"unknown distillation loss {name!r}; registered: {sorted(LOSSES)}")
-    return LOSSES[name]
+    """The `Distiller` registered as `name`; a clear error listing the known names."""
+    known = all_distillers()
+    if name not in known:
+        raise KeyError(f"unknown distillation loss {name!r}; registered: {sorted(known)}")
+    return known[name]
 
 
 def warmup_factor(step, warmup_steps):

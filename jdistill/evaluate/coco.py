@@ -25,7 +25,7 @@ METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mA
 
 
 def ground_truth(split):
-    """A pycocotools COCO object for a `pipeline.Split` (its raw annotation file if any)."""
+    """A pycocotools COCO object for a `sources.Split` (its raw annotation file if any)."""
     if getattr(split, "ann_file", None):
         return _raw_ground_truth(split.ann_file, split.image_ids)
     images, anns = [], []

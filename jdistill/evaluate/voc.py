@@ -123,7 +123,7 @@ def evaluate(gt_objects, detections, class_names, mode="11points", iou_thr=0.5):
 
 
 def evaluate_split(split, results, mode="11points"):
-    """VOC mAP of COCO-style results (xywh, category ids) on a `pipeline.Split`.
+    """VOC mAP of COCO-style results (xywh, category ids) on a `sources.Split`.
 
     Returns (metrics as `evaluate`, a printable per-class table).
     """

@@ -15,6 +15,7 @@ adapters, cast them to float32 first.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
@@ -91,6 +92,31 @@ def backbone_kwargs(cfg):
     )
 
 
+def model_defaults(family, depth, **family_fields):
+    """The `model` config fields every detector block shares (ResNet + FPN + head,
+    mmdetection COCO), plus the family's own."""
+    fields = dict(
+        family=family,
+        depth=depth,
+        style="pytorch",
+        frozen_stages=1,
+        norm_trainable=True,  # BN affine params train (requires_grad=True)
+        norm_eval=True,  # BN on running statistics (False: batch statistics, for scratch)
+        width=1.0,
+        neck_channels=256,
+        stacked_convs=4,
+        # Images per normalisation group: mmdetection normalises per GPU of 2 images.
+        loss_group_size=2,
+        test_score_thr=0.05,
+        test_nms_pre=1000,
+        test_nms_iou=0.5,
+        test_max_per_img=100,
+        dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
+    )
+    fields.update(family_fields)
+    return ml_collections.ConfigDict(fields)
+
+
 class DenseDetector:
     """Shared machinery of RetinaNet, GFL and FCOS (subclasses define the head and losses).
 
@@ -102,6 +128,11 @@ class DenseDetector:
 
     levels = ("p3", "p4", "p5", "p6", "p7")
     strides = (8, 16, 32, 64, 128)
+    # Tap groups for distillers (`distill/api.py`): the forward pass's, the loss's, and the
+    # teacher-on-student views `view` computes.
+    TAPS = ("backbone", "neck", "head/cls_logits")
+    LOSS_TAPS = ()
+    VIEWS = ()
 
     def __init__(self, cfg, num_classes):
         self.cfg = cfg
@@ -158,6 +189,10 @@ class DenseDetector:
         b = outputs[name][0].shape[0]
         flat = jnp.concatenate([x.reshape(b, -1, channels) for x in outputs[name]], axis=1)
         return flat.astype(jnp.float32)
+
+    def view(self, name, variables, outputs, taps, student_taps):
+        """A teacher-on-student computation `name` (one of `VIEWS`): extra teacher taps."""
+        raise ValueError(f"{type(self).__name__} computes no teacher view {name!r}")
 
     def score_factors(self, outputs, level):
         """Per-level [B, H*W*A] factors multiplied into the final scores (FCOS centerness)."""

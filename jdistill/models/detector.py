@@ -10,6 +10,7 @@ the loss on sampled RoIs (and adds `roi/*` taps for the distillers); dense ones 
 
 import jax.numpy as jnp
 
+from jdistill.distill import api
 from jdistill.models import faster_rcnn, fcos, gfl, retinanet
 
 FAMILIES = {
@@ -26,12 +27,31 @@ PIXEL_NORMS = {
 }
 
 
+# Anchor settings a distiller may read (DeFeat's RoI masks, FGD), when the family has them.
+_ANCHOR_KEYS = ("octave_base_scale", "scales_per_octave", "anchor_scale", "anchor_ratios")
+
+
 def build(model_cfg, num_classes):
-    """The detector named by `model_cfg.family`, for `num_classes` foreground classes."""
+    """The detector named by `model_cfg.family`, for `num_classes` foreground classes, with its
+    `spec` (`distill.api.DetectorSpec`) set."""
     family = model_cfg.family
     if family not in FAMILIES:
         raise ValueError(f"unknown detector family {family!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[family](model_cfg, num_classes)
+    det = FAMILIES[family](model_cfg, num_classes)
+    det.spec = api.DetectorSpec(
+        family=family,
+        levels=tuple(det.levels),
+        strides=tuple(det.strides),
+        channels=model_cfg.neck_channels,
+        num_classes=num_classes,
+        num_anchors=det.num_anchors,
+        anchors={k: model_cfg[k] for k in _ANCHOR_KEYS if k in model_cfg},
+        reg_max=model_cfg.get("reg_max", 0),
+        provides=det.TAPS,
+        loss_taps=det.LOSS_TAPS,
+        views=det.VIEWS,
+    )
+    return det
 
 
 def preprocess(images, img_shape, style, dtype=jnp.float32):

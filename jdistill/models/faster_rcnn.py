@@ -152,6 +152,11 @@ class FasterRCNN:
 
     levels = ("p2", "p3", "p4", "p5", "p6")
     strides = (4, 8, 16, 32, 64)
+    # Tap groups for distillers (`distill/api.py`). `head/*` are the RPN's; the loss adds the
+    # sampled RoIs and the RoI head's outputs on them (`roi/*`).
+    TAPS = ("backbone", "neck", "head/cls_logits", "head/box_deltas")
+    LOSS_TAPS = ("roi",)
+    VIEWS = ("teacher_roi_head_on_student_rois",)
 
     def __init__(self, cfg, num_classes):
         self.cfg = cfg
@@ -295,6 +300,20 @@ class FasterRCNN:
             variables, outputs["neck"], rois, method=FasterRCNNModule.roi_forward
         )
 
+    def view(self, name, variables, outputs, taps, student_taps):
+        """A teacher-on-student computation, with this detector as the teacher.
+
+        'teacher_roi_head_on_student_rois': this RoI head on the student's sampled RoIs
+        (`roi/rois` [B, R, 4] in the student taps) -> {'roi/cls_logits': [B, R, K + 1]}, so
+        DeFeat's proposal KD compares both heads on the same RoIs.
+        """
+        del taps
+        if name != "teacher_roi_head_on_student_rois":
+            raise ValueError(f"Faster R-CNN computes no teacher view {name!r}")
+        rois = jax.lax.stop_gradient(student_taps["roi/rois"])
+        cls, _ = self.roi_logits(variables, outputs, rois)
+        return {"roi/cls_logits": cls}
+
     def loss(self, outputs, batch, *, variables, rng, taps=None):
         """Detection losses of a batch.
 
@@ -378,3 +397,35 @@ class FasterRCNN:
             props, pv, scores, deltas, batch["img_shape"], batch["scale_factor"]
         )
         return {"boxes": boxes, "scores": scores, "labels": labels.astype(jnp.int32), "valid": ok}
+
+
+def defaults(depth=50):
+    """mmdetection faster_rcnn_r{depth}_fpn: ResNet + FPN (P2..P6) + RPN + Shared2FC RoI head."""
+    return dense.model_defaults(
+        "faster_rcnn",
+        depth,
+        anchor_scale=8,
+        anchor_ratios=(0.5, 1.0, 2.0),
+        rpn_pos_iou=0.7,
+        rpn_neg_iou=0.3,
+        rpn_min_pos_iou=0.3,
+        rpn_num=256,
+        rpn_pos_fraction=0.5,
+        rpn_train_nms_pre=2000,
+        rpn_train_max_num=1000,
+        rpn_test_nms_pre=1000,
+        rpn_test_max_num=1000,
+        rpn_nms_iou=0.7,
+        roi_pos_iou=0.5,
+        roi_num=512,
+        roi_pos_fraction=0.25,
+        roi_output_size=7,
+        # Samples per RoIAlign bin along each axis. mmcv's 0 (adaptive) cannot be static;
+        # tests/test_roi_align.py measures what a fixed 2 x 2 grid changes.
+        roi_sampling_ratio=2,
+        roi_aligned=True,
+        fc_channels=1024,
+        cls_loss_weight=1.0,
+        bbox_loss_weight=1.0,
+        test_nms_pre=-1,  # (proposal, class) pairs entering the final NMS; -1: all of them
+    )

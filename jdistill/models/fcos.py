@@ -128,6 +128,7 @@ class FCOS(dense.DenseDetector):
     """The FCOS detector (one point per location)."""
 
     regress_ranges = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
+    TAPS = dense.DenseDetector.TAPS + ("head/bbox_pred", "head/centerness")
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -221,3 +222,20 @@ class FCOS(dense.DenseDetector):
         if self.cfg.norm_on_bbox:
             d = d * self.strides[level]
         return box_ops.distance_to_box(priors[prior_idx, :2], d, max_shape=img_shape)
+
+
+def defaults(depth=50):
+    """mmdetection fcos_r{depth}_caffe_fpn_gn-head: caffe ResNet (BN frozen), FPN with ReLU
+    before P7, GN head; focal + IoU + centerness; no tricks (norm_on_bbox etc. off)."""
+    return dense.model_defaults(
+        "fcos",
+        depth,
+        style="caffe",
+        norm_trainable=False,  # caffe backbones: BN fully frozen (requires_grad=False)
+        norm_on_bbox=False,
+        centerness_on_reg=False,
+        center_sampling=False,
+        center_sample_radius=1.5,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    )

@@ -69,6 +69,8 @@ def integral(dist_logits, reg_max):
 class GFL(dense.DenseDetector):
     """The GFL detector: one 8s x 8s anchor per location (ATSS and point centres)."""
 
+    TAPS = dense.DenseDetector.TAPS + ("head/bbox_dist",)
+
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
         self.num_anchors = 1
@@ -149,3 +151,19 @@ class GFL(dense.DenseDetector):
         return box_ops.distance_to_box(
             box_ops.centers(priors[prior_idx]), dist, max_shape=img_shape
         )
+
+
+def defaults(depth=50):
+    """mmdetection gfl_r{depth}_fpn: ResNet + FPN (P6 on P5) + GFLHead (GN), ATSS, QFL/DFL/GIoU."""
+    return dense.model_defaults(
+        "gfl",
+        depth,
+        octave_base_scale=8,
+        reg_max=16,
+        atss_topk=9,
+        qfl_beta=2.0,
+        qfl_weight=1.0,
+        dfl_weight=0.25,
+        giou_weight=2.0,
+        test_nms_iou=0.6,
+    )

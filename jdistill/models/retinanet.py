@@ -57,9 +57,12 @@ class RetinaNet(dense.DenseDetector):
     """The RetinaNet detector: module plus its targets, losses and test-time decode.
 
     Args:
-      cfg: the `model` config block (see `config_lib.retinanet`).
+      cfg: the `model` config block (`defaults` below).
       num_classes: K, foreground classes.
     """
+
+    TAPS = dense.DenseDetector.TAPS + ("head/box_deltas",)
+    LOSS_TAPS = ("assign",)  # `assign/pos`, `assign/neg`: the anchor assignment
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -142,3 +145,21 @@ class RetinaNet(dense.DenseDetector):
         """Boxes of the kept priors of one level: DeltaXYWH decode, clipped to the image."""
         d = raw["box_deltas"].reshape(-1, 4)[prior_idx]
         return box_ops.decode_deltas(priors[prior_idx], d, max_shape=img_shape)
+
+
+def defaults(depth=50):
+    """mmdetection retinanet_r{depth}_fpn: ResNet + FPN (P6 on C5) + RetinaHead, COCO settings."""
+    return dense.model_defaults(
+        "retinanet",
+        depth,
+        octave_base_scale=4,
+        scales_per_octave=3,
+        anchor_ratios=(0.5, 1.0, 2.0),
+        pos_iou_thr=0.5,
+        neg_iou_thr=0.4,
+        min_pos_iou=0.0,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        cls_loss_weight=1.0,
+        bbox_loss_weight=1.0,
+    )

@@ -1,0 +1,130 @@
+"""The distiller API: what a distillation method declares, and what a detector offers it.
+
+A method is one module in `jdistill/distill/` with a module-level `DISTILLERS` dict of
+`Distiller`s, each registered under the name configs give as `distill.losses.<key>.fn`; the
+registry finds the modules itself, so a new method touches its module, a config and a test.
+
+A distiller's loss is a pure function
+
+    loss(student_taps, teacher_taps, batch, params, *, cfg, spec) -> (scalar, {name: scalar})
+
+- `student_taps`, `teacher_taps`: flat dicts of the detectors' taps (`neck/p3`,
+  `head/cls_logits/p3`, `roi/labels`, ...). The teacher's also hold the teacher-on-student
+  views the distiller asked for. Teacher values are data: the trainer stops their gradient.
+- `batch`: the device batch (`boxes` [N, G, 4], `box_valid`, `image_valid`, `pad_shape`, ...).
+- `params`: the distiller's own trainable pytree from `init` (None without one).
+- `cfg`: the distiller's `defaults` overlaid with the config's `distill.losses.<key>` block.
+- `spec`: a `Pair` of the student's and the teacher's `DetectorSpec`.
+
+It returns the unweighted loss (the trainer multiplies by `cfg.weight` and the warm-up) and
+metrics to log under `distill/<key>/<name>`.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """What a detector offers distillers, frozen at build time.
+
+    Attributes:
+      family: 'retinanet' | 'gfl' | 'fcos' | 'faster_rcnn'.
+      levels: FPN output names, e.g. ('p3', ..., 'p7').
+      strides: their strides, e.g. (8, ..., 128).
+      channels: neck (FPN) channels.
+      num_classes: foreground classes K.
+      num_anchors: priors per location A (1 for GFL and FCOS).
+      anchors: anchor settings of the detector's config (scales, ratios), {} when point-based.
+      reg_max: GFL's distribution bins - 1 (0 for other families).
+      provides: tap groups of its forward pass (`backbone`, `neck`, `head/cls_logits`, ...),
+        which it offers as student and as teacher.
+      loss_taps: tap groups its loss adds (`assign`, `roi`): a student's only, since a teacher
+        runs no loss.
+      views: teacher-on-student computations it can run as a teacher (`Detector.view`).
+    """
+
+    family: str
+    levels: tuple[str, ...]
+    strides: tuple[int, ...]
+    channels: int
+    num_classes: int
+    num_anchors: int
+    anchors: Mapping[str, Any]
+    reg_max: int
+    provides: tuple[str, ...]
+    loss_taps: tuple[str, ...]
+    views: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """The student's and the teacher's specs, as a distiller sees them."""
+
+    student: DetectorSpec
+    teacher: DetectorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Distiller:
+    """One distillation method, as the trainer drives it.
+
+    Attributes:
+      loss: the pure loss described in the module docstring.
+      student_taps: tap groups it reads from the student.
+      teacher_taps: tap groups it reads from the teacher.
+      views: teacher-on-student views it reads (computed by the teacher's detector).
+      init: optional `init(rng, *, cfg, spec) -> pytree` of its own trainable parameters
+        (adapters, generation blocks); trained with the student, never exported.
+      defaults: config values the config block may override.
+      same_family: the method compares heads, so teacher and student must be one family; the
+        string says why, for the error message ('' for feature-level methods).
+      check: optional `check(cfg, spec) -> str | None`, an error for a pair or settings the
+        method cannot take (None: fine).
+    """
+
+    loss: Callable
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()
+    init: Callable | None = None
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    same_family: str = ""
+    check: Callable | None = None
+
+
+def paired_levels(spec, strides=None):
+    """Student and teacher levels paired by stride: [(index, student level, teacher level,
+    stride)], in the student's order, over the strides both have (or the `strides` given).
+
+    Index i is the pair's position, the one adapters are keyed by. A Faster R-CNN teacher's
+    P3..P6 pair with a RetinaNet student's P3..P6 this way; same-family pairs pair every level.
+    """
+    teacher = dict(zip(spec.teacher.strides, spec.teacher.levels, strict=True))
+    pairs = []
+    for lvl, stride in zip(spec.student.levels, spec.student.strides, strict=True):
+        if stride in teacher and (strides is None or stride in strides):
+            pairs.append((len(pairs), lvl, teacher[stride], stride))
+    return pairs
+
+
+def pixel_valid(pad_shape, feat_hw, stride):
+    """[N, H, W] float mask of cells inside ceil(pad_shape / stride). pad_shape: [N, 2]."""
+    h, w = feat_hw
+    vh = (pad_shape[:, 0] + stride - 1) // stride
+    vw = (pad_shape[:, 1] + stride - 1) // stride
+    ys = jnp.arange(h)[None, :, None] < vh[:, None, None]
+    xs = jnp.arange(w)[None, None, :] < vw[:, None, None]
+    return (ys & xs).astype(jnp.float32)
+
+
+def level_valid(batch, feat_hw, stride, cfg):
+    """[N, H, W] float: cells inside each real image's padded size, or all ones with
+    `cfg.count_padding` (the originals' behaviour: they see their batch padding as image)."""
+    n = batch["pad_shape"].shape[0]
+    if cfg.get("count_padding", False):
+        return jnp.ones((n, *feat_hw), jnp.float32)
+    return pixel_valid(batch["pad_shape"], feat_hw, stride)

@@ -1,0 +1,122 @@
+"""A config's distillation, resolved: which distillers run, with which settings, and what they
+need from the two detectors. The trainer drives every method through this and names none.
+
+`config.distill.losses` is a dict of blocks `<key>: {fn: <registered name>, weight: w, ...}`;
+each block overlays its distiller's `defaults`. The loss of block `key` enters the total as
+`weight * warm-up * decay * loss` and is logged as `distill/<key>`.
+"""
+
+import dataclasses
+
+import jax
+import ml_collections
+
+from jdistill.distill import api, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One configured distillation loss: its config key, distiller and resolved settings."""
+
+    key: str
+    distiller: api.Distiller
+    cfg: ml_collections.ConfigDict
+
+
+def terms(config):
+    """The configured `Term`s in config order ([] without `distill.losses`).
+
+    Raises KeyError for an unregistered `fn`.
+    """
+    distill = config.get("distill")
+    if not distill or not distill.get("losses"):
+        return []
+    out = []
+    for key, block in distill.losses.items():
+        distiller = registry.get(block.fn)
+        cfg = ml_collections.ConfigDict({"weight": 1.0, **dict(distiller.defaults)})
+        cfg.update(block.to_dict())
+        out.append(Term(key, distiller, cfg))
+    return out
+
+
+def problems(terms_, spec):
+    """Why a student/teacher pair cannot run these terms: a list of one-line messages ([] when
+    it can), from each distiller's declared needs and its own `check`."""
+    errors = []
+    s, t = spec.student, spec.teacher
+    for term in terms_:
+        d, where = term.distiller, f"distill.losses.{term.key} ({term.cfg.fn})"
+        if d.same_family and s.family != t.family:
+            errors.append(
+                f"{where} needs a teacher of the student's family ({s.family!r}, the teacher is "
+                f"{t.family!r}): {d.same_family}"
+            )
+            continue
+        have_s = set(s.provides) | set(s.loss_taps)
+        for group in d.student_taps:
+            if group not in have_s:
+                errors.append(
+                    f"{where} reads the student's {group!r} taps, which a {s.family} student does "
+                    f"not provide (it has {sorted(have_s)})"
+                )
+        for group in d.teacher_taps:
+            if group not in t.provides:
+                errors.append(
+                    f"{where} reads the teacher's {group!r} taps, which a {t.family} teacher does "
+                    f"not provide (it has {sorted(t.provides)})"
+                )
+        for view in d.views:
+            if view not in t.views:
+                errors.append(f"{where} needs the view {view!r}, which a {t.family} teacher lacks")
+        if not api.paired_levels(spec):
+            errors.append(f"{where}: the student's and the teacher's levels share no stride")
+        if d.check is not None:
+            msg = d.check(term.cfg, spec)
+            if msg:
+                errors.append(f"{where}: {msg}")
+    return errors
+
+
+def views(terms_):
+    """The teacher-on-student views the terms read, in first-use order."""
+    return tuple(dict.fromkeys(v for term in terms_ for v in term.distiller.views))
+
+
+def init_params(rng, terms_, spec):
+    """{key: params} of the terms whose distiller has trainable parameters for this pair; each
+    distiller with an `init` draws its own key, split off `rng` in config order."""
+    params = {}
+    for term in terms_:
+        if term.distiller.init is not None:
+            rng, key = jax.random.split(rng)
+            value = term.distiller.init(key, cfg=term.cfg, spec=spec)
+            if value is not None:  # None: nothing to train for this pair (e.g. equal widths)
+                params[term.key] = value
+    return params
+
+
+def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, factor):
+    """Adds every term's weighted loss to `total`, term by term in config order.
+
+    Args:
+      total: the detection loss, a scalar.
+      terms_: from `terms`.
+      student_taps, teacher_taps: the detectors' taps (the teacher's with its views).
+      batch: the device batch, plus `rng`, the step's key for stochastic methods.
+      params: {key: params} from `init_params`.
+      spec: the `api.Pair`.
+      factor: the warm-up times decay scalar.
+    Returns:
+      (total plus the weighted terms, {'distill/<key>': weighted, 'distill/<key>/<metric>': ..}).
+    """
+    metrics = {}
+    for term in terms_:
+        value, extra = term.distiller.loss(
+            student_taps, teacher_taps, batch, params.get(term.key), cfg=term.cfg, spec=spec
+        )
+        contrib = factor * term.cfg.weight * value
+        metrics[f"distill/{term.key}"] = contrib
+        metrics.update({f"distill/{term.key}/{k}": v for k, v in extra.items()})
+        total = total + contrib
+    return total, metrics

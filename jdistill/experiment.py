@@ -1,0 +1,295 @@
+"""One experiment, built: the student and teacher detectors, their specs, the distillation
+terms, the training state with its shardings, and the jitted step.
+
+`setup()` is the only place this sequence is written; `train.run`, `scripts/benchmark.py` and
+the multi-device test call it. The teacher is read-only data: a separate variables pytree
+passed into the jitted step, run outside `value_and_grad` under `stop_gradient`, never in the
+optimizer or a checkpoint. One `jax.jit` over a `Mesh` shards the batch over `data`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from jdistill import checkpoint, optim, parallel
+from jdistill.distill import api, plan, registry
+from jdistill.models import detector as detector_lib
+
+# Batch entries the device needs; the rest (orig_shape, dropped_boxes) stay on the host.
+DEVICE_KEYS = (
+    "image",
+    "boxes",
+    "labels",
+    "box_valid",
+    "img_shape",
+    "pad_shape",
+    "scale_factor",
+    "image_valid",
+    "image_id",
+)
+
+
+# ============================================================================ models
+
+
+def model_inputs(detector, model_cfg, batch):
+    """The network input for a detector: normalised canvas in its style and compute dtype."""
+    return detector_lib.preprocess(
+        batch["image"], batch["img_shape"], model_cfg.style, jnp.dtype(model_cfg.dtype)
+    )
+
+
+def init_variables(detector, canvas, seed):
+    """Random {'params', 'batch_stats'} for a detector at a canvas (numpy-free, on device)."""
+    dummy = jnp.zeros((1, *canvas, 3), jnp.float32)
+    return jax.jit(detector.module.init)(jax.random.PRNGKey(seed), dummy)
+
+
+# ============================================================================ teacher
+
+
+def load_teacher(config, detector, class_names, canvas):
+    """Teacher variables from `teacher.init`, checked strictly; random only under runlocal.
+
+    `teacher.init` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one
+    step) or an mmdetection `.pth` / `.safetensors`, converted on load. `class_names`: the
+    data set's, compared with those the checkpoint records (None: not compared).
+    """
+    expected = jax.eval_shape(
+        detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
+    )
+    path = config.teacher.get("init")
+    if not path:
+        return init_variables(detector, canvas, config.seed + 1)
+    merged, trained_on = load_variables(
+        path, expected, config.teacher.model, config.teacher.get("init_skip", ()), "teacher"
+    )
+    if trained_on and class_names is not None and tuple(trained_on) != tuple(class_names):
+        raise ValueError(
+            f"teacher {path} was trained on classes {list(trained_on)} but the data set has "
+            f"{list(class_names)}; refusing to distil from a mismatched teacher"
+        )
+    logging.info("teacher loaded from %s", path)
+    return jax.tree_util.tree_map(jnp.asarray, merged)
+
+
+def load_variables(path, expected, model_cfg, skip, what):
+    """{'params', 'batch_stats'} for a model from `path`, strictly.
+
+    `path` is a jdistill orbax checkpoint (a run's workdir, its checkpoints/ or one step) or an
+    mmdetection `.pth` / `.safetensors` (a whole detector, or an ImageNet backbone), converted
+    on load. Returns (variables, the class names the checkpoint was trained on, or None).
+    """
+    if path.endswith((".pth", ".safetensors")):
+        from jdistill.convert import mmdet  # noqa: PLC0415 (needs the [convert] extra)
+
+        return mmdet.load_variables(
+            path,
+            expected,
+            family=model_cfg.family,
+            skip=tuple(skip),
+            what=what,
+            backbone_ok=what != "teacher",
+        )
+    loaded, meta = checkpoint.load_model_variables(path)
+    merged = checkpoint.check_and_merge(loaded, expected, skip=tuple(skip), what=f"{what} {path}")
+    return merged, (meta or {}).get("class_names")
+
+
+# ============================================================================ state
+
+
+def init_state(config, student, terms, spec, canvas, tx_builder, load_init=True):
+    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step.
+
+    `params['adapters']` holds the distillers' own trainable parameters by config key
+    (adapters, generation blocks; `plan.init_params`). With `load_init`, the student starts
+    from `config.init` (when set); a resumed run passes False, since its checkpoint replaces
+    these values anyway.
+    """
+    variables = init_variables(student, canvas, config.seed)
+    distill_params = plan.init_params(jax.random.PRNGKey(config.seed + 2), terms, spec)
+    params = {"student": variables["params"], "adapters": distill_params}
+    path = config.get("init") if load_init else None
+    if path:
+        expected = {"params": params["student"], "batch_stats": variables["batch_stats"]}
+        merged, _ = load_variables(
+            path, expected, config.model, config.get("init_skip", ()), "student init"
+        )
+        params["student"] = merged["params"]
+        variables = {"batch_stats": merged["batch_stats"]}
+        logging.info("student initialised from %s", path)
+    tx = tx_builder(params)
+    return {
+        "step": jnp.int32(0),
+        "params": params,
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(params),
+        "bad_step": jnp.int32(-1),
+    }, tx
+
+
+# ============================================================================ step
+
+
+# Folded into the step's key for the distillers' randomness (MGD's masks), apart from the
+# samplers' stream.
+DISTILL_STREAM = 0x6B64
+
+
+def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0):
+    """The jittable step(state, teacher_vars, batch) -> (state, metrics).
+
+    Any teacher-on-student views the terms need are computed by the teacher's detector inside
+    the loss (they depend on the student's outputs, e.g. its sampled RoIs), under stop_gradient.
+    """
+    warmup = config.distill.warmup_steps if terms else 0
+    decay = config.distill.get("decay", "none") if terms else "none"
+    views = plan.views(terms)
+    spec = api.Pair(student.spec, teacher.spec) if teacher is not None else None
+    base_key = jax.random.PRNGKey(config.seed + 3)
+
+    def step_fn(state, teacher_vars, batch):
+        step = state["step"]
+        x_s = model_inputs(student, config.model, batch)
+        t_taps = t_outputs = None
+        if teacher is not None:
+            x_t = model_inputs(teacher, config.teacher.model, batch)
+            t_outputs, t_taps = jax.lax.stop_gradient(teacher.module.apply(teacher_vars, x_t))
+        key = jax.random.fold_in(base_key, step)  # the samplers' randomness, by step
+
+        def loss_fn(params):
+            variables = {"params": params["student"], "batch_stats": state["batch_stats"]}
+            if config.model.norm_eval:
+                (outputs, taps), new_stats = student.module.apply(variables, x_s), None
+            else:
+                (outputs, taps), upd = student.module.apply(
+                    variables, x_s, train=True, mutable=["batch_stats"]
+                )
+                new_stats = upd["batch_stats"]
+            taps = dict(taps)
+            total, det = student.loss(outputs, batch, variables=variables, rng=key, taps=taps)
+            metrics = {f"student/{k}": v for k, v in det.items()}
+            if terms:
+                teacher_view = dict(t_taps)
+                for name in views:
+                    teacher_view.update(
+                        jax.lax.stop_gradient(
+                            teacher.view(name, teacher_vars, t_outputs, t_taps, taps)
+                        )
+                    )
+                factor = registry.warmup_factor(step, warmup) * registry.decay_factor(
+                    step, total_steps, decay
+                )
+                d_batch = {**batch, "rng": jax.random.fold_in(key, DISTILL_STREAM)}
+                total, d_metrics = plan.add_losses(
+                    total, terms, taps, teacher_view, d_batch, params["adapters"], spec, factor
+                )
+                metrics.update(d_metrics)
+            metrics["loss"] = total
+            return total, (metrics, new_stats)
+
+        (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        if new_stats is None:
+            new_stats = state["batch_stats"]
+        gnorm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite step leaves params and optimizer untouched and is reported by the host at
+        # its next log or checkpoint, so no per-step device->host sync is needed.
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old
+        )
+        new_state = {
+            "step": step + 1,
+            "params": keep(params, state["params"]),
+            "batch_stats": keep(new_stats, state["batch_stats"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            # The first non-finite update, counted from 1 as the log counts (-1: none yet).
+            "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]),
+        }
+        metrics["grad_norm"] = gnorm
+        metrics["lr"] = schedule(step)
+        return new_state, metrics
+
+    return step_fn
+
+
+# ============================================================================ setup
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What `setup` built. `teacher`, `teacher_vars` and `spec` are None without distillation;
+    `state` is on the mesh with `state_sharding`; `train_step(state, teacher_vars, batch)` is
+    jitted over the mesh, donating the state."""
+
+    student: Any
+    teacher: Any
+    spec: api.Pair | None
+    terms: list
+    teacher_vars: Any
+    state: dict
+    state_sharding: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    total_steps: int
+    train_step: Callable
+
+
+def setup(config, mesh, *, num_classes, canvas, steps_per_epoch, class_names=None, load_init=True):
+    """Builds the experiment of `config` on `mesh`.
+
+    Args:
+      config: a run config (`configs/`).
+      mesh: the device mesh (`parallel.make_mesh`).
+      num_classes: foreground classes of the data set.
+      canvas: (H, W) of the first training canvas, to initialise at.
+      steps_per_epoch: of the training sampler, for the schedule.
+      class_names: the data set's, checked against a teacher checkpoint's (None: unchecked).
+      load_init: start the student from `config.init`; a resumed run passes False.
+    Returns:
+      an `Experiment`.
+    """
+    schedule, total_steps = optim.lr_schedule(config.optimizer, config.schedule, steps_per_epoch)
+    student = detector_lib.build(config.model, num_classes)
+    terms = plan.terms(config)
+    teacher = teacher_vars = spec = None
+    if terms:
+        teacher = detector_lib.build(config.teacher.model, num_classes)
+        spec = api.Pair(student.spec, teacher.spec)
+        teacher_vars = load_teacher(config, teacher, class_names, canvas)
+        teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
+    tx_builder = lambda params: optim.make_optimizer(  # noqa: E731
+        config.optimizer, config.model, params, schedule
+    )
+    state, tx = init_state(config, student, terms, spec, canvas, tx_builder, load_init)
+    state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
+    state = jax.device_put(state, state_sharding)
+    train_step = jax.jit(
+        make_train_step(config, student, teacher, terms, tx, schedule, total_steps),
+        in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return Experiment(
+        student,
+        teacher,
+        spec,
+        terms,
+        teacher_vars,
+        state,
+        state_sharding,
+        tx,
+        schedule,
+        total_steps,
+        train_step,
+    )
