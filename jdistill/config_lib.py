@@ -208,6 +208,8 @@ def shrink_for_runlocal(config, steps=4):
     config.num_vis_images = 2
     if config.get("distill"):
         config.distill.warmup_steps = 2
+        if "balance_steps" in config.distill:
+            config.distill.balance_steps = 2
     return config
 
 
@@ -251,16 +253,38 @@ def fcos_schedule(epochs=12, milestones=(8, 11)):
     return sched
 
 
-def frs_distill(feat_weight, cls_weight, warmup_steps=500):
-    """The FRS loss pair with per-level 3x3 adapters (specs/frs.md)."""
+def distill(losses, *, warmup_steps=0, decay="none"):
+    """A `distill` block: `losses` ({key: {fn, weight, ...}}, each overlaying its distiller's
+    defaults) and the settings every method shares.
+
+    - warmup_steps: the terms' weights ramp linearly from 0 over these steps.
+    - decay: DeFeat's stage-wise decay ('none', 'linear', 'cos').
+    - init_from_teacher: the student's neck and heads start from the teacher's (FGD, MGD).
+    - balance_steps: the window after the warm-up over which each term's ratio to the
+      detection loss is logged (and warned about over 10x); auto_balance rescales each term
+      once, at the window's end, to balance_target times the detection loss.
+    """
     return ml_collections.ConfigDict(
         dict(
             warmup_steps=warmup_steps,
-            losses=dict(
-                frs_feat=dict(fn="frs_feat", weight=feat_weight, adapter="conv3x3"),
-                frs_cls=dict(fn="frs_cls", weight=cls_weight),
-            ),
+            decay=decay,
+            init_from_teacher=False,
+            balance_steps=50,
+            auto_balance=False,
+            balance_target=1.0,
+            losses=losses,
         )
+    )
+
+
+def frs_distill(feat_weight, cls_weight, warmup_steps=500):
+    """The FRS loss pair with per-level 3x3 adapters (specs/frs.md)."""
+    return distill(
+        dict(
+            frs_feat=dict(fn="frs_feat", weight=feat_weight, adapter="conv3x3"),
+            frs_cls=dict(fn="frs_cls", weight=cls_weight),
+        ),
+        warmup_steps=warmup_steps,
     )
 
 
@@ -297,7 +321,7 @@ def defeat_distill(preset="released", group_size=8):
             bg_temperature=1.0,
             group_size=group_size,
         )
-    return ml_collections.ConfigDict(dict(warmup_steps=0, decay="none", losses=losses))
+    return distill(losses)
 
 
 def fgfi_distill(group_size=4):

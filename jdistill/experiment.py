@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from jdistill import checkpoint, optim, parallel
-from jdistill.distill import api, plan, registry
+from jdistill.distill import api, balance, plan, registry
 from jdistill.models import detector as detector_lib
 
 # Batch entries the device needs; the rest (orig_shape, dropped_boxes) stay on the host.
@@ -104,13 +104,15 @@ def load_variables(path, expected, model_cfg, skip, what):
 # ============================================================================ state
 
 
-def init_state(config, student, terms, spec, canvas, tx_builder, load_init=True):
-    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step.
+def init_state(config, student, terms, spec, canvas, tx_builder, load_init=True, teacher_vars=None):
+    """The training state: step, params {student, adapters}, batch_stats, opt_state, bad_step,
+    and `balance` under `distill.auto_balance` (`distill/balance.py`).
 
     `params['adapters']` holds the distillers' own trainable parameters by config key
     (adapters, generation blocks; `plan.init_params`). With `load_init`, the student starts
-    from `config.init` (when set); a resumed run passes False, since its checkpoint replaces
-    these values anyway.
+    from `config.init` (when set) and then, with `distill.init_from_teacher`, takes every
+    non-backbone weight from `teacher_vars`; a resumed run passes False, since its checkpoint
+    replaces these values anyway.
     """
     variables = init_variables(student, canvas, config.seed)
     distill_params = plan.init_params(jax.random.PRNGKey(config.seed + 2), terms, spec)
@@ -124,14 +126,55 @@ def init_state(config, student, terms, spec, canvas, tx_builder, load_init=True)
         params["student"] = merged["params"]
         variables = {"batch_stats": merged["batch_stats"]}
         logging.info("student initialised from %s", path)
+    if load_init and terms and config.distill.get("init_from_teacher", False):
+        params["student"], stats = inherit_from_teacher(
+            params["student"], variables["batch_stats"], teacher_vars
+        )
+        variables = {"batch_stats": stats}
     tx = tx_builder(params)
-    return {
+    state = {
         "step": jnp.int32(0),
         "params": params,
         "batch_stats": variables["batch_stats"],
         "opt_state": tx.init(params),
         "bad_step": jnp.int32(-1),
-    }, tx
+    }
+    if terms and config.distill.get("auto_balance", False):
+        state["balance"] = balance.init_state(terms)
+    return state, tx
+
+
+def inherit_from_teacher(params, batch_stats, teacher_vars):
+    """The student's variables with every non-backbone subtree (neck, heads) taken from the
+    teacher, as FGD and MGD start their students (`distill.init_from_teacher`).
+
+    Raises ValueError naming the first parameter whose shape differs (the two necks and heads
+    must have the same widths).
+    """
+
+    def take(mine, theirs, what):
+        out = dict(mine)
+        for name, sub in mine.items():
+            if name == "backbone":
+                continue
+            if name not in theirs:
+                raise ValueError(f"init_from_teacher: the teacher has no {what} {name!r}")
+            a = jax.tree_util.tree_structure(sub)
+            b = jax.tree_util.tree_structure(theirs[name])
+            shapes_a = [x.shape for x in jax.tree_util.tree_leaves(sub)]
+            shapes_b = [x.shape for x in jax.tree_util.tree_leaves(theirs[name])]
+            if a != b or shapes_a != shapes_b:
+                raise ValueError(
+                    f"init_from_teacher: the student's {what} {name!r} differs from the "
+                    "teacher's in structure or shape (widths must match)"
+                )
+            out[name] = theirs[name]
+        return out
+
+    return (
+        take(params, teacher_vars["params"], "parameters"),
+        take(batch_stats, teacher_vars.get("batch_stats", {}), "batch statistics"),
+    )
 
 
 # ============================================================================ step
@@ -151,6 +194,9 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
     warmup = config.distill.warmup_steps if terms else 0
     decay = config.distill.get("decay", "none") if terms else "none"
     views = plan.views(terms)
+    auto_balance = bool(terms) and config.distill.get("auto_balance", False)
+    balance_start, balance_steps = balance.window(config) if terms else (0, 0)
+    balance_target = config.distill.get("balance_target", balance.DEFAULT_TARGET) if terms else 1
     spec = api.Pair(student.spec, teacher.spec) if teacher is not None else None
     base_key = jax.random.PRNGKey(config.seed + 3)
 
@@ -187,8 +233,18 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
                     step, total_steps, decay
                 )
                 d_batch = {**batch, "rng": jax.random.fold_in(key, DISTILL_STREAM)}
+                metrics["student/loss"] = total
+                scales = state["balance"]["scale"] if auto_balance else None
                 total, d_metrics = plan.add_losses(
-                    total, terms, taps, teacher_view, d_batch, params["adapters"], spec, factor
+                    total,
+                    terms,
+                    taps,
+                    teacher_view,
+                    d_batch,
+                    params["adapters"],
+                    spec,
+                    factor,
+                    scales,
                 )
                 metrics.update(d_metrics)
             metrics["loss"] = total
@@ -216,6 +272,19 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
             # The first non-finite update, counted from 1 as the log counts (-1: none yet).
             "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]),
         }
+        if auto_balance:
+            contribs = {t.key: metrics[f"distill/{t.key}"] for t in terms}
+            updated = balance.update(
+                state["balance"],
+                step,
+                contribs,
+                metrics["student/loss"],
+                start=balance_start,
+                steps=balance_steps,
+                target=balance_target,
+            )
+            new_state["balance"] = keep(updated, state["balance"])
+            metrics.update({f"distill/{k}/scale": v for k, v in updated["scale"].items()})
         metrics["grad_norm"] = gnorm
         metrics["lr"] = schedule(step)
         return new_state, metrics
@@ -271,7 +340,9 @@ def setup(config, mesh, *, num_classes, canvas, steps_per_epoch, class_names=Non
     tx_builder = lambda params: optim.make_optimizer(  # noqa: E731
         config.optimizer, config.model, params, schedule
     )
-    state, tx = init_state(config, student, terms, spec, canvas, tx_builder, load_init)
+    state, tx = init_state(
+        config, student, terms, spec, canvas, tx_builder, load_init, teacher_vars
+    )
     state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
     train_step = jax.jit(

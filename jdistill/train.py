@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from jdistill import checkpoint, experiment, metrics_writer, parallel
 from jdistill.data import pipeline, sources
-from jdistill.distill import api, plan
+from jdistill.distill import api, balance, plan
 from jdistill.evaluate import coco as coco_eval
 from jdistill.evaluate import visualize
 from jdistill.evaluate import voc as voc_eval
@@ -81,6 +81,7 @@ _INTEGER_KEYS = (
     ("data.max_boxes", 1, "ground-truth boxes kept per image"),
     ("data.num_workers", 0, "input threads; 0: read in the training thread"),
     ("data.prefetch", 0, "batches read ahead"),
+    ("distill.balance_steps", 0, "steps after the warm-up over which the loss balance is measured"),
 )
 
 
@@ -325,6 +326,7 @@ def run(config, workdir, *, stop_at_step=None):
     student, teacher, teacher_vars = exp.student, exp.teacher, exp.teacher_vars
     state, state_sharding, train_step = exp.state, exp.state_sharding, exp.train_step
     total_steps = exp.total_steps
+    monitor = balance.Monitor(config, exp.terms)
     meta = {
         "class_names": list(train_split.class_names),
         "category_ids": list(train_split.category_ids),
@@ -432,6 +434,7 @@ def run(config, workdir, *, stop_at_step=None):
             nonlocal pending, t_last, step_last
             check_finite()
             rows = jax.device_get([m for _, m in pending])
+            monitor.observe([s for s, _ in pending], rows)
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             now = time.time()
             rate = (done - step_last) / max(now - t_last, 1e-9)

@@ -96,7 +96,7 @@ def init_params(rng, terms_, spec):
     return params
 
 
-def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, factor):
+def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, factor, scales=None):
     """Adds every term's weighted loss to `total`, term by term in config order.
 
     Args:
@@ -107,6 +107,7 @@ def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, f
       params: {key: params} from `init_params`.
       spec: the `api.Pair`.
       factor: the warm-up times decay scalar.
+      scales: optional {key: scalar} extra factors (`balance.py`'s auto-balance).
     Returns:
       (total plus the weighted terms, {'distill/<key>': weighted, 'distill/<key>/<metric>': ..}).
     """
@@ -116,6 +117,8 @@ def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, f
             student_taps, teacher_taps, batch, params.get(term.key), cfg=term.cfg, spec=spec
         )
         contrib = factor * term.cfg.weight * value
+        if scales is not None:
+            contrib = contrib * scales[term.key]
         metrics[f"distill/{term.key}"] = contrib
         metrics.update({f"distill/{term.key}/{k}": v for k, v in extra.items()})
         total = total + contrib
