@@ -24,6 +24,7 @@ CONFIGS = [
     "faster_rcnn_r50_coco",
     "frs_faster_rcnn",
     "defeat_retinanet",
+    "pkd_fcos_to_retinanet",  # teacher and student of two families
 ]
 # Read ../shared/data/raccoon_voc under :runlocal (skipped when it is absent).
 VOC_CONFIGS = [

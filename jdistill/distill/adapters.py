@@ -8,12 +8,14 @@ reference's adaptation convs get; `defeat3x3` has DeFeat's tiny fmod(N(0, 1), 2)
 (bias still PyTorch's default).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 # kaiming_uniform(a=sqrt(5)) == uniform(+-sqrt(1 / fan_in)) == variance_scaling(1/3, uniform).
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 KERNELS = {"conv3x3": 3, "conv1x1": 1, "defeat3x3": 3}
 
@@ -23,7 +25,8 @@ def _defeat_kernel_init(key, shape, dtype=jnp.float32):
     return (jnp.fmod(jax.random.normal(key, shape, dtype), 2.0) * 1e-4).astype(dtype)
 
 
-def _torch_bias_init(fan_in):
+def torch_bias_init(fan_in):
+    """PyTorch's default conv bias init: uniform(+-1 / sqrt(fan_in))."""
     bound = 1.0 / float(fan_in) ** 0.5
 
     def init(key, shape, dtype=jnp.float32):
@@ -32,7 +35,20 @@ def _torch_bias_init(fan_in):
     return init
 
 
-def _conv(x, kernel, bias):
+def torch_conv_init(key, shape, kernel_init=torch_kernel_init):
+    """{'kernel': shape, 'bias': [shape[-1]]} float32 of a conv (HWIO kernel) or of a 1x1 conv
+    as a [C_in, C_out] matrix: `kernel_init` (default PyTorch's nn.Conv2d one) and PyTorch's
+    default bias, fan_in = the product of the kernel's leading dimensions."""
+    kk, kb = jax.random.split(key)
+    fan_in = math.prod(shape[:-1])
+    return {
+        "kernel": kernel_init(kk, shape, jnp.float32),
+        "bias": torch_bias_init(fan_in)(kb, (shape[-1],)),
+    }
+
+
+def conv(x, kernel, bias):
+    """SAME, stride-1 conv of x [N, H, W, C_in] with an HWIO kernel, in x's dtype."""
     k = kernel.shape[0]
     pad = k // 2
     y = jax.lax.conv_general_dilated(
@@ -59,16 +75,12 @@ def init(rng, *, num_levels, in_channels, out_channels, kind):
     if kind not in KERNELS:
         raise ValueError(f"unknown adapter {kind!r}; choose one of {sorted(KERNELS)}")
     k = KERNELS[kind]
-    kernel_init = _defeat_kernel_init if kind == "defeat3x3" else _torch_kernel_init
-    fan_in = k * k * in_channels
-    params = {}
-    for i, key in enumerate(jax.random.split(rng, num_levels)):
-        kk, kb = jax.random.split(key)
-        params[f"level_{i}"] = {
-            "kernel": kernel_init(kk, (k, k, in_channels, out_channels), jnp.float32),
-            "bias": _torch_bias_init(fan_in)(kb, (out_channels,)),
-        }
-    return params
+    kernel_init = _defeat_kernel_init if kind == "defeat3x3" else torch_kernel_init
+    shape = (k, k, in_channels, out_channels)
+    return {
+        f"level_{i}": torch_conv_init(key, shape, kernel_init)
+        for i, key in enumerate(jax.random.split(rng, num_levels))
+    }
 
 
 def apply_level(params, level, x):
@@ -80,4 +92,4 @@ def apply_level(params, level, x):
     features, so it is not rounded to bfloat16 (rule 8: losses in float32).
     """
     p = params[f"level_{level}"]
-    return _conv(x.astype(jnp.float32), p["kernel"], p["bias"])
+    return conv(x.astype(jnp.float32), p["kernel"], p["bias"])

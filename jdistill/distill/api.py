@@ -24,6 +24,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
@@ -109,6 +110,50 @@ def paired_levels(spec, strides=None):
         if stride in teacher and (strides is None or stride in strides):
             pairs.append((len(pairs), lvl, teacher[stride], stride))
     return pairs
+
+
+def selected_levels(cfg, spec, candidates=None):
+    """The level pairs a method distils: [(index, student level, teacher level, stride)].
+
+    `cfg.levels` (student strides) keeps exactly those pairs; without it (None or absent) the
+    first `cfg.max_levels` pairs are kept (None, absent or 0: all). `candidates` are the pairs to
+    choose from, (index, student level, teacher level, student stride, ...) as `paired_levels`
+    gives them (the default), any further fields kept. Index i is the pair's position in the
+    returned list, the one adapters and params are keyed by (`level_{i}`).
+    """
+    pairs = paired_levels(spec) if candidates is None else candidates
+    levels = cfg.get("levels")
+    if levels is not None:
+        pairs = [p for p in pairs if p[3] in tuple(levels)]
+    elif cfg.get("max_levels"):
+        pairs = pairs[: cfg.get("max_levels")]
+    return [(i, *p[1:]) for i, p in enumerate(pairs)]
+
+
+def check_levels(cfg, spec, candidates=None):
+    """An error string for a level selection `selected_levels` cannot honour, else None: no
+    stride in common, `cfg.levels` naming strides that are not paired, or nothing selected."""
+    pairs = paired_levels(spec) if candidates is None else candidates
+    if not pairs:
+        return (
+            f"no FPN strides in common (student {spec.student.strides}, teacher "
+            f"{spec.teacher.strides})"
+        )
+    paired = [p[3] for p in pairs]
+    missing = [x for x in cfg.get("levels") or () if x not in paired]
+    if missing:
+        return f"levels {missing} are not student strides paired with the teacher ({paired})"
+    if not selected_levels(cfg, spec, candidates):
+        return "no level pair selected"
+    return None
+
+
+def init_levels(rng, cfg, spec, init_level):
+    """{'level_{i}': init_level(key_i)} over the pairs of `selected_levels(cfg, spec)`, one key
+    per pair split off `rng` in pair order: a method's per-level trainable parameters."""
+    pairs = selected_levels(cfg, spec)
+    keys = jax.random.split(rng, len(pairs))
+    return {f"level_{i}": init_level(key) for (i, *_), key in zip(pairs, keys, strict=True)}
 
 
 def pixel_valid(pad_shape, feat_hw, stride):

@@ -1,0 +1,44 @@
+"""FGD: RetinaNet R101 2x teacher -> RetinaNet R50 2x student on COCO 2017.
+
+Student: mmdetection retinanet_r50_fpn_2x_coco (37.4); teacher: retinanet_r101_fpn_2x_coco
+(38.9). The published FGD row uses a ResNeXt-101-64x4d teacher (41.0), which jdistill does not
+build: we have ResNet only, so the teacher here is R101 (the original repo also ships this
+R101 -> R50 config, without a reported result).
+FGD (specs/distillers.md, jdistill/distill/fgd.py) on all 5 FPN levels: t 0.5, alpha 1e-3,
+beta 5e-4, gamma 5e-4, lambda 5e-6 (inside the loss: weight 1); no warm-up; gradient norm
+clipped at 35, lr 0.01 (the original's config). Padding cells are excluded (`count_padding`).
+Command:
+  python -m jdistill.main --config=configs/fgd_retinanet.py --workdir=/tmp/fgd_retina \
+      --config.data.root=/data/coco --config.teacher.init=/ckpt/retinanet_r101_orbax \
+      --config.init=/ckpt/resnet50-0676ba61.pth
+Expected: published 37.4 -> 40.7 box AP with the X-101-64x4d teacher and the student's neck and
+head starting from the teacher's weights (`init_from_teacher`, an option being added to the
+trainer, off by default; a R101 teacher's neck and head would be the start here). With the
+weaker R101 teacher and without that start, expect less than 40.7.
+Hardware: 8 GPUs x 2 images (global batch 16), 24 epochs.
+`:runlocal` uses a tiny random teacher (with a warning) on synthetic data.
+"""
+
+from jdistill import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False)
+    config = config_lib.base(config_lib.retinanet(50), config_lib.coco_data(), lr=0.01)
+    config.schedule = config_lib.step_schedule(24, (16, 22))
+    config.optimizer.grad_clip = 35.0
+    config.teacher = config_lib.teacher(config_lib.retinanet(101))
+    fgd = dict(
+        fn="fgd",
+        weight=1.0,
+        temp=0.5,
+        alpha_fgd=1e-3,
+        beta_fgd=5e-4,
+        gamma_fgd=5e-4,
+        lambda_fgd=5e-6,
+        count_padding=False,
+    )
+    config.distill = config_lib.distill(dict(fgd=fgd))
+    if args.runlocal:
+        config_lib.shrink_for_runlocal(config)
+    return config
