@@ -168,7 +168,8 @@ def inherit_from_teacher(params, batch_stats, teacher_vars):
                     f"init_from_teacher: the student's {what} {name!r} differs from the "
                     "teacher's in structure or shape (widths must match)"
                 )
-            out[name] = theirs[name]
+            # Copies: the state is donated to the step, and must not donate the teacher's buffers.
+            out[name] = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), theirs[name])
         return out
 
     return (
@@ -189,7 +190,8 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
     """The jittable step(state, teacher_vars, batch) -> (state, metrics).
 
     Any teacher-on-student views the terms need are computed by the teacher's detector inside
-    the loss (they depend on the student's outputs, e.g. its sampled RoIs), under stop_gradient.
+    the loss (they depend on the student's outputs, e.g. its sampled RoIs); each view stops the
+    gradients it must (`Detector.view`), since some (CrossKD's) differentiate the student.
     """
     warmup = config.distill.warmup_steps if terms else 0
     decay = config.distill.get("decay", "none") if terms else "none"
@@ -224,11 +226,9 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
             if terms:
                 teacher_view = dict(t_taps)
                 for name in views:
-                    teacher_view.update(
-                        jax.lax.stop_gradient(
-                            teacher.view(name, teacher_vars, t_outputs, t_taps, taps)
-                        )
-                    )
+                    # Not stopped here: a view stops what it must itself (the RoI view its
+                    # output); CrossKD's cross-head predictions carry the student's gradient.
+                    teacher_view.update(teacher.view(name, teacher_vars, t_outputs, t_taps, taps))
                 factor = registry.warmup_factor(step, warmup) * registry.decay_factor(
                     step, total_steps, decay
                 )

@@ -316,3 +316,15 @@ def assert_jit_and_bfloat16(fn, s, t, batch, params, metric_names):
     want, _ = fn(up(s16), up(t16), batch, params)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def distiller_config(name, **overrides):
+    """A distiller's resolved settings, as `plan.terms` builds them: weight 1, its defaults, then
+    `overrides`."""
+    import ml_collections
+
+    from jdistill.distill import registry
+
+    cfg = ml_collections.ConfigDict({"weight": 1.0, **dict(registry.get(name).defaults)})
+    cfg.update(overrides)
+    return cfg

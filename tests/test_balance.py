@@ -51,9 +51,7 @@ def test_auto_balance_rescales_once_at_the_end_of_the_window():
 def test_monitor_reports_ratios_and_warns_with_a_suggested_weight(caplog):
     terms = plan.terms(config())
     monitor = balance.Monitor(config(), terms)
-    rows = [
-        {"student/loss": 2.0, "distill/big": 24.0, "distill/small": 1.0} for _ in range(6)
-    ]
+    rows = [{"student/loss": 2.0, "distill/big": 24.0, "distill/small": 1.0} for _ in range(6)]
     caplog.set_level(logging.INFO)
     assert monitor.observe([1, 2, 3], rows[:3]) is None  # the window (log steps 3-5) is open
     means = monitor.observe([4, 5, 6], rows[3:])
@@ -97,6 +95,9 @@ def test_init_from_teacher_takes_every_non_backbone_weight():
     np.testing.assert_array_equal(params["neck"]["w"], 1.0)
     np.testing.assert_array_equal(params["bbox_head"]["w"], 2.0)
     np.testing.assert_array_equal(stats["backbone"]["m"], 0.0)
+    # copies: the donated training state must not hold the teacher's buffers
+    theirs = teacher["params"]["neck"]["w"]
+    assert params["neck"]["w"].unsafe_buffer_pointer() != theirs.unsafe_buffer_pointer()
     teacher["params"]["neck"]["w"] = jnp.ones(3)
     with pytest.raises(ValueError, match="student's parameters 'neck' differs"):
         experiment.inherit_from_teacher(student, {}, teacher)

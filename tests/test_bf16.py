@@ -186,9 +186,7 @@ def make_step(det, dtype, losses):
             total, metrics = det.loss(outputs, batch, variables=variables, rng=rng, taps=taps)
             teacher_view = dict(t_taps)
             for view in plan.views(losses):
-                teacher_view.update(
-                    jax.lax.stop_gradient(det.view(view, t_vars, t_out, t_taps, taps))
-                )
+                teacher_view.update(det.view(view, t_vars, t_out, t_taps, taps))
             terms = {f"det/{k}": v for k, v in metrics.items()}
             for term in losses:
                 value, _ = term.distiller.loss(

@@ -10,7 +10,9 @@ A distiller's loss is a pure function
 
 - `student_taps`, `teacher_taps`: flat dicts of the detectors' taps (`neck/p3`,
   `head/cls_logits/p3`, `roi/labels`, ...). The teacher's also hold the teacher-on-student
-  views the distiller asked for. Teacher values are data: the trainer stops their gradient.
+  views the distiller asked for. The teacher's own taps carry no gradient (its forward runs
+  under stop_gradient); a view stops what it must itself (CrossKD's cross-head predictions
+  differentiate the student's tower features through the frozen teacher layers).
 - `batch`: the device batch (`boxes` [N, G, 4], `box_valid`, `image_valid`, `pad_shape`, ...).
 - `params`: the distiller's own trainable pytree from `init` (None without one).
 - `cfg`: the distiller's `defaults` overlaid with the config's `distill.losses.<key>` block.
@@ -46,6 +48,8 @@ class DetectorSpec:
       loss_taps: tap groups its loss adds (`assign`, `roi`): a student's only, since a teacher
         runs no loss.
       views: teacher-on-student computations it can run as a teacher (`Detector.view`).
+      stacked_convs: convs in each dense-head tower (0 without one), which CrossKD's cut of
+        the student's towers must match.
     """
 
     family: str
@@ -59,6 +63,7 @@ class DetectorSpec:
     provides: tuple[str, ...]
     loss_taps: tuple[str, ...]
     views: tuple[str, ...]
+    stacked_convs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

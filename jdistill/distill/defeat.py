@@ -17,11 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.distill import adapters, api, frs
+from jdistill.losses import detection as det_losses
 from jdistill.ops import anchors as anchor_ops
 from jdistill.ops import boxes as box_ops
 from jdistill.ops import roi_align as roi_ops
 
 MASKS = ("gt", "roi", "all")
+# [N, ...] -> per-group sums [N // g] over everything but the batch axis (g 0: one group).
+_groups = det_losses.grouped_sum
 
 
 def gt_levels(boxes, num_levels):
@@ -115,15 +118,6 @@ def level_masks(cfg, targets, level_hws, strides, anchors):
             )
         masks.append(jax.vmap(fn)(targets["boxes"], on))
     return masks
-
-
-def _groups(x, group_size):
-    """[N, ...] -> per-group sums [num_groups] (group_size 0: one group)."""
-    n = x.shape[0]
-    g = n if not group_size or group_size >= n else group_size
-    if n % g:
-        raise ValueError(f"batch {n} does not split into DeFeat groups of {g}")
-    return x.reshape(n // g, -1).sum(axis=1)
 
 
 def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):

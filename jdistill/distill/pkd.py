@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.distill import adapters, api
+from jdistill.ops import groups
 
 PAIRINGS = ("stride", "index")
 _EPS = 1e-6  # added to the std, as the original
@@ -96,15 +97,6 @@ def resize_like_torch(x, hw):
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), "bilinear", antialias=False)
 
 
-def _split_groups(x, group_size):
-    """[N, ...] -> [N // g, g, ...] with g = group_size (0 or >= N: one group)."""
-    n = x.shape[0]
-    g = n if not group_size or group_size >= n else group_size
-    if n % g:
-        raise ValueError(f"PKD: batch of {n} images does not split into groups of {g}")
-    return x.reshape(n // g, g, *x.shape[1:])
-
-
 def standardise(x, mask):
     """Per-group, per-channel standardisation over the counted cells.
 
@@ -115,14 +107,7 @@ def standardise(x, mask):
       [G, g, H, W, C]: (x - mean) / (std + 1e-6), mean and unbiased std over counted cells of
       each (group, channel); std is 0 where fewer than 2 cells count (torch: NaN).
     """
-    axes = (1, 2, 3)
-    cnt = mask.sum(axes, keepdims=True)  # [G, 1, 1, 1, 1]
-    mean = (mask * x).sum(axes, keepdims=True) / jnp.maximum(cnt, 1.0)
-    var = (mask * jnp.square(x - mean)).sum(axes, keepdims=True) / jnp.maximum(cnt - 1.0, 1.0)
-    # sqrt' is infinite at 0: take the root of a safe value so that a constant channel gets a
-    # zero gradient instead of 0 * inf = NaN.
-    pos = var > 0
-    std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
+    mean, std = groups.channel_stats(x, mask)
     return (x - mean) / (std + _EPS)
 
 
@@ -138,9 +123,9 @@ def pkd_level(student, teacher, valid, group_size=0):
       scalar: mean over groups with counted cells of
       sum_counted (norm(S) - norm(T))^2 / (counted cells * C) / 2.
     """
-    s = _split_groups(student, group_size)
-    t = _split_groups(teacher, group_size)
-    m = _split_groups(valid, group_size)[..., None]
+    s = groups.split(student, group_size)
+    t = groups.split(teacher, group_size)
+    m = groups.split(valid, group_size)[..., None]
     sq = (m * jnp.square(standardise(s, m) - standardise(t, m))).sum((1, 2, 3, 4))  # [G]
     cnt = m.sum((1, 2, 3, 4))  # [G]
     per_group = sq / (jnp.maximum(cnt, 1.0) * s.shape[-1]) / 2.0

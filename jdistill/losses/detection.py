@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.ops import boxes as box_ops
+from jdistill.ops import groups
 
 
 def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0):
@@ -54,11 +55,8 @@ def grouped_sum(x, group_size):
     Returns:
       [B // group_size] (or [1]) float32 sums.
     """
-    b = x.shape[0]
-    g = b if group_size in (0, None) or group_size >= b else group_size
-    if b % g:
-        raise ValueError(f"batch of {b} images does not split into groups of {g}")
-    return x.reshape(b // g, -1).astype(jnp.float32).sum(axis=1)
+    parts = groups.split(x, group_size)
+    return parts.reshape(parts.shape[0], -1).astype(jnp.float32).sum(axis=1)
 
 
 def quality_focal_loss(logits, labels, scores, *, beta=2.0):

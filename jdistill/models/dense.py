@@ -3,14 +3,15 @@ returning `(outputs, taps)`, and mmdetection's dense-head test-time post-process
 
 A head is a flax module called as `head(features, level)` that returns a dict of per-level
 maps ({'cls_logits': [N, H, W, A*K], ...}); `DenseModule` collects them into
-`outputs[name] = [level maps]` and taps `head/{name}/p{l}`.
+`outputs[name] = [level maps]` and taps `head/{name}/p{l}`. Entries named `tower/*` (GFL's and
+RetinaNet's tower features for CrossKD) are taps only: `tower/cls/p{l}`, `tower/reg/p{l}`.
 
 Mixed precision (`model.dtype='bfloat16'`): backbone, FPN and head convs compute in bfloat16 on
 float32 params. A head casts its outputs to float32 as its last op, so `outputs` and the
 `head/*` taps, everything the losses, the assigners and the box coding read, are float32. The
-`backbone/*` and `neck/*` taps stay in the compute dtype (they are the activations the backward
-pass keeps anyway; a float32 copy would double them): their readers, the distillers and their
-adapters, cast them to float32 first.
+`backbone/*`, `neck/*` and `tower/*` taps stay in the compute dtype (they are the activations
+the backward pass keeps anyway; a float32 copy would double them): their readers, the
+distillers, their adapters and CrossKD's view, cast them to float32 first.
 """
 
 import jax
@@ -23,10 +24,22 @@ from jdistill.models import fpn as fpn_lib
 from jdistill.models import layers
 from jdistill.models import resnet as resnet_lib
 from jdistill.ops import anchors as anchor_ops
+from jdistill.ops import groups
 from jdistill.ops import nms as nms_ops
 
 # torch's float32 eps, added to avg_factor by mmdetection >= 2.21 `weight_reduce_loss`.
 AVG_EPS = float(np.finfo(np.float32).eps)
+
+# The teacher-on-student view of CrossKD (`teacher_head_on_student_towers`).
+CROSS_VIEW = "teacher_head_on_student_towers"
+_CROSS_STD_EPS = 1e-6  # added to the student's std only, as CrossKD's `align_scale`
+
+
+def tower_depth(stacked_convs):
+    """Where CrossKD cuts a head's towers: after conv `stacked_convs - 1` (its
+    `reused_teacher_head_idx=3` of 4), so one tower conv of the teacher's runs on the student's
+    features; 0 (the towers' input, the neck) with a single conv."""
+    return max(stacked_convs - 1, 0)
 
 
 class DenseModule(nn.Module):
@@ -74,9 +87,21 @@ class DenseModule(nn.Module):
         for level, (name, p) in enumerate(pyramid.items()):
             taps[f"neck/{name}"] = p
             for key, value in self.bbox_head(p, level).items():
+                if key.startswith("tower/"):
+                    taps[f"{key}/{name}"] = value
+                    continue
                 taps[f"head/{key}/{name}"] = value
                 outputs.setdefault(key, []).append(value)
         return outputs, taps
+
+    def head_from_towers(self, towers):
+        """The head from given tower features on (CrossKD's cross head), every level.
+
+        towers: per level, a (cls, reg) pair [N, H_l, W_l, feat_channels] at the point the
+        head taps as `tower/*` (see the head's `tower` argument). Returns per level the head's
+        output dict ({'cls_logits': .., 'bbox_dist' | 'box_deltas': ..}, float32).
+        """
+        return [self.bbox_head(None, level, tower=pair) for level, pair in enumerate(towers)]
 
 
 def backbone_kwargs(cfg):
@@ -191,8 +216,75 @@ class DenseDetector:
         return flat.astype(jnp.float32)
 
     def view(self, name, variables, outputs, taps, student_taps):
-        """A teacher-on-student computation `name` (one of `VIEWS`): extra teacher taps."""
+        """A teacher-on-student computation `name` (one of `VIEWS`): extra teacher taps.
+
+        Its result reaches the distillers as it is: a view stops whatever gradient must not
+        flow (the trainer does not, since CrossKD's must flow to the student). GFL and
+        RetinaNet compute `CROSS_VIEW` (`cross_head`).
+        """
+        del outputs
+        if name == CROSS_VIEW and name in self.VIEWS:
+            return self.cross_head(variables, taps, student_taps)
         raise ValueError(f"{type(self).__name__} computes no teacher view {name!r}")
+
+    def cross_head(self, variables, taps, student_taps, *, group_size=None):
+        """CrossKD's view: this (teacher) head run on the student's tower features.
+
+        Per level and tower (cls, reg), the student's `tower/*` features are re-standardised
+        per channel to the teacher's statistics at the same point (CrossKD's `align_scale`):
+
+            s' = (s - mean_s) / (std_s + 1e-6) * std_t + mean_t
+
+        mean and std per channel over (the images of a group, H, W), std unbiased (torch's
+        `.std()`), the eps on the student's std only. Then the teacher's rest of the head runs
+        on s' (ReLU unless cut at the neck, its remaining tower convs, its output convs and
+        Scale): `DenseModule.head_from_towers`.
+
+        Gradients: the teacher's variables and features are constants (stopped here); the
+        result is differentiable w.r.t. the student's tower features, through the teacher's
+        layers and through the student's mean and std, as in the original.
+
+        Padding: statistics run over the cells of `student_taps['assign/valid']` (the student
+        loss's valid priors: inside each real image's padded size), for both models; without
+        that tap, over every cell, as the original does with its batch padding. Groups:
+        `group_size` images (default this model's `loss_group_size`: mmdetection's per-GPU
+        batch, over which the original's statistics run). A channel with no spread gets std 0
+        (torch: NaN for a single cell).
+
+        Args:
+          variables: this detector's {'params', ...}.
+          taps: this detector's own taps (`tower/{cls,reg}/p{l}` [N, H, W, C]).
+          student_taps: the student's, with `tower/{cls,reg}/p{l}` of the same shapes and
+            optionally `assign/valid` [N, A_total] bool.
+          group_size: images per statistics group (0: the whole batch).
+        Returns:
+          {'cross/{output}/p{l}': [N, H, W, ...] float32} for this head's outputs
+          (`cls_logits` and `bbox_dist` or `box_deltas`).
+        """
+        variables = jax.lax.stop_gradient(variables)
+        if group_size is None:
+            group_size = self.cfg.loss_group_size
+        masks = cell_masks(student_taps, self.levels)
+        towers = []
+        for lvl in self.levels:
+            pair = []
+            for tower in ("cls", "reg"):
+                s = student_taps[f"tower/{tower}/{lvl}"].astype(jnp.float32)
+                t = jax.lax.stop_gradient(taps[f"tower/{tower}/{lvl}"]).astype(jnp.float32)
+                if s.shape != t.shape:
+                    raise ValueError(
+                        f"CrossKD: the student's tower/{tower}/{lvl} is {s.shape}, the "
+                        f"teacher's {t.shape} (widths must match)"
+                    )
+                mask = masks[lvl] if masks else jnp.ones(s.shape[:3], jnp.float32)
+                pair.append(align_scale(s, t, mask, group_size).astype(self.module.dtype))
+            towers.append(tuple(pair))
+        outs = self.module.apply(variables, towers, method=DenseModule.head_from_towers)
+        return {
+            f"cross/{key}/{lvl}": value
+            for lvl, out in zip(self.levels, outs, strict=True)
+            for key, value in out.items()
+        }
 
     def score_factors(self, outputs, level):
         """Per-level [B, H*W*A] factors multiplied into the final scores (FCOS centerness)."""
@@ -248,3 +340,39 @@ class DenseDetector:
             outputs["cls_logits"], raws, factors, batch["img_shape"], batch["scale_factor"]
         )
         return {"boxes": boxes, "scores": scores, "labels": labels.astype(jnp.int32), "valid": ok}
+
+
+def cell_masks(student_taps, levels):
+    """{level: [N, H, W] float32} cells holding a valid prior of `student_taps['assign/valid']`
+    ([N, sum_l H_l W_l A] bool, level after level, location-major, A priors per location;
+    sizes from the `tower/cls/*` taps), or {} without that tap."""
+    if "assign/valid" not in student_taps:
+        return {}
+    valid = student_taps["assign/valid"]
+    shapes = [student_taps[f"tower/cls/{lvl}"].shape[:3] for lvl in levels]
+    num_anchors = valid.shape[1] // sum(h * w for _, h, w in shapes)
+    out, start = {}, 0
+    for lvl, (n, h, w) in zip(levels, shapes, strict=True):
+        size = h * w * num_anchors
+        cells = valid[:, start : start + size].reshape(n, h, w, num_anchors).any(-1)
+        out[lvl] = cells.astype(jnp.float32)
+        start += size
+    return out
+
+
+def align_scale(student, teacher, mask, group_size):
+    """CrossKD's `align_scale`: the student standardised per channel, then given the teacher's
+    mean and std, per group of images.
+
+    student, teacher: [N, H, W, C] float32; mask: [N, H, W] float32 cells that count.
+    Returns [N, H, W, C]: (s - mean_s) / (std_s + 1e-6) * std_t + mean_t. (Both stds count the
+    same cells, so unbiased or biased differ only through the 1e-6: the original's unbiased
+    std is kept anyway.)
+    """
+    s = groups.split(student, group_size)
+    t = groups.split(teacher, group_size)
+    m = groups.split(mask, group_size)[..., None]
+    s_mean, s_std = groups.channel_stats(s, m)
+    t_mean, t_std = groups.channel_stats(t, m)
+    out = (s - s_mean) / (s_std + _CROSS_STD_EPS) * t_std + t_mean
+    return out.reshape(student.shape)

@@ -50,6 +50,7 @@ def build(model_cfg, num_classes):
         provides=det.TAPS,
         loss_taps=det.LOSS_TAPS,
         views=det.VIEWS,
+        stacked_convs=model_cfg.get("stacked_convs", 0) if family != "faster_rcnn" else 0,
     )
     return det
 

@@ -305,14 +305,15 @@ class FasterRCNN:
 
         'teacher_roi_head_on_student_rois': this RoI head on the student's sampled RoIs
         (`roi/rois` [B, R, 4] in the student taps) -> {'roi/cls_logits': [B, R, K + 1]}, so
-        DeFeat's proposal KD compares both heads on the same RoIs.
+        DeFeat's proposal KD compares both heads on the same RoIs. A constant: the RoIs and the
+        result are stopped (the trainer leaves stopping to the view).
         """
         del taps
         if name != "teacher_roi_head_on_student_rois":
             raise ValueError(f"Faster R-CNN computes no teacher view {name!r}")
         rois = jax.lax.stop_gradient(student_taps["roi/rois"])
         cls, _ = self.roi_logits(variables, outputs, rois)
-        return {"roi/cls_logits": cls}
+        return {"roi/cls_logits": jax.lax.stop_gradient(cls)}
 
     def loss(self, outputs, batch, *, variables, rng, taps=None):
         """Detection losses of a batch.

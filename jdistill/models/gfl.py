@@ -32,15 +32,25 @@ class GFLHead(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, level):
-        """x: [N, H, W, C] -> {cls_logits [N, H, W, K], bbox_dist [N, H, W, 4*(reg_max+1)]}."""
-        c, r = layers.conv_towers(
-            x,
-            num_convs=self.stacked_convs,
-            features=self.feat_channels,
-            norm="gn",
-            dtype=self.dtype,
-        )
+    def __call__(self, x, level, tower=None):
+        """x: [N, H, W, C] -> {cls_logits [N, H, W, K], bbox_dist [N, H, W, 4*(reg_max+1)]}
+        (float32), plus `tower/cls` and `tower/reg` [N, H, W, feat_channels] in the compute
+        dtype: the towers after conv `dense.tower_depth(stacked_convs)` (conv + GN, before
+        the ReLU), which CrossKD reads.
+
+        tower: instead of x (pass None), a (cls, reg) pair of features at that point, from
+        which the rest of the head runs (CrossKD's teacher head on student features): ReLU
+        (not at depth 0, the neck), the remaining tower convs, gfl_cls / gfl_reg, Scale. The
+        result then has no `tower/*`.
+        """
+        depth = dense.tower_depth(self.stacked_convs)
+        towers = dict(num_convs=self.stacked_convs, features=self.feat_channels, norm="gn")
+        if tower is None:
+            c, r, held = layers.conv_towers(x, **towers, dtype=self.dtype, hold=depth)
+        else:
+            held = None
+            c, r = (nn.relu(t) if depth else t for t in tower)
+            c, r = layers.conv_towers((c, r), **towers, dtype=self.dtype, start=depth)
         cls = layers.Conv(
             self.num_classes,
             3,
@@ -57,7 +67,10 @@ class GFLHead(nn.Module):
             name="gfl_reg",
         )(r)
         scale = self.param(f"scales_{level}", nn.initializers.ones, (), jnp.float32)
-        return {"cls_logits": cls.astype(jnp.float32), "bbox_dist": reg.astype(jnp.float32) * scale}
+        out = {"cls_logits": cls.astype(jnp.float32), "bbox_dist": reg.astype(jnp.float32) * scale}
+        if held is not None:
+            out["tower/cls"], out["tower/reg"] = held
+        return out
 
 
 def integral(dist_logits, reg_max):
@@ -69,7 +82,10 @@ def integral(dist_logits, reg_max):
 class GFL(dense.DenseDetector):
     """The GFL detector: one 8s x 8s anchor per location (ATSS and point centres)."""
 
-    TAPS = dense.DenseDetector.TAPS + ("head/bbox_dist",)
+    TAPS = dense.DenseDetector.TAPS + ("head/bbox_dist", "tower")
+    # `assign/pos`, `assign/neg`, `assign/label_weight`, `assign/valid`: the ATSS assignment.
+    LOSS_TAPS = ("assign",)
+    VIEWS = (dense.CROSS_VIEW,)
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -92,11 +108,16 @@ class GFL(dense.DenseDetector):
             canvas_hw, self.strides, self.cfg.octave_base_scale, 1, (1.0,)
         )
 
-    def loss(self, outputs, batch, **unused):
+    def loss(self, outputs, batch, *, taps=None, **unused):
         """QFL + GIoU + DFL with the reference's normalisers (`gfl_head.py` loss).
 
         Args:
           outputs: from the module; batch: as `RetinaNet.loss`.
+          taps: if given, the ATSS assignment is added for the distillers (LD, CrossKD), each
+            [B, A] over the priors of all levels: `assign/pos` / `assign/neg` bool,
+            `assign/label_weight` float32 (mmdetection's label weights: 1 on every prior that
+            is positive or negative) and `assign/valid` bool (priors inside each real image's
+            padded size).
         Returns:
           (total, {'loss_cls', 'loss_bbox', 'loss_dfl'}).
         """
@@ -116,6 +137,15 @@ class GFL(dense.DenseDetector):
         )(valid, batch["boxes"], gt_valid)
         pos, matched, labels = self.match(assigned, batch)
         labels = jnp.where(pos, labels, -1)
+        if taps is not None:
+            taps.update(
+                {
+                    "assign/pos": pos,
+                    "assign/neg": assigned == 0,
+                    "assign/label_weight": (assigned >= 0).astype(jnp.float32),
+                    "assign/valid": valid,
+                }
+            )
 
         cls = self.flat(outputs, "cls_logits", self.num_classes)  # [B, A, K]
         dist_logits = self.flat(outputs, "bbox_dist", 4 * (self.reg_max + 1))

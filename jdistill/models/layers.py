@@ -50,7 +50,9 @@ class Conv(nn.Module):
     """Conv2d with PyTorch's symmetric padding (k // 2 on every side), NHWC.
 
     With `norm='gn'` it is mmcv's ConvModule(conv -> GroupNorm(32) -> ReLU): the conv has no
-    bias (bias='auto') and the norm is named `gn`, as in mmdetection's state_dict.
+    bias (bias='auto') and the norm is named `gn`, as in mmdetection's state_dict. `activate`
+    False stops it before the ReLU (mmcv's `activate=False`), for callers that need the
+    pre-activation features (CrossKD's tower taps); it changes no parameter.
     """
 
     features: int
@@ -61,6 +63,7 @@ class Conv(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     dtype: jnp.dtype = jnp.float32
     norm: str | None = None
+    activate: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -87,7 +90,8 @@ class Conv(nn.Module):
                 conv_general_dilated=_conv_float32_out,
                 name="conv",
             )(x)
-            return nn.relu(GroupNorm32(dtype=self.dtype, name="gn")(y))
+            y = GroupNorm32(dtype=self.dtype, name="gn")(y)
+            return nn.relu(y) if self.activate else y
         return nn.Conv(
             self.features,
             (self.kernel, self.kernel),
@@ -132,16 +136,32 @@ def nearest_resize(x, out_hw):
     return x[:, iy][:, :, ix]
 
 
-def conv_towers(x, *, num_convs, features, norm, dtype):
+def conv_towers(x, *, num_convs, features, norm, dtype, hold=None, start=0):
     """The cls and reg towers of a dense head: `num_convs` 3x3 convs each, ReLU after each.
 
     Called inside a head's compact `__call__`, so the convs are the head's children
     `cls_convs_{i}` / `reg_convs_{i}` (mmdetection's names). norm: None (conv bias, RetinaNet)
     or 'gn' (ConvModule with GroupNorm, GFL and FCOS).
-    x: [N, H, W, C] -> (cls features, reg features), each [N, H, W, features].
+
+    Two extras serve CrossKD, which cuts the towers after conv `hold` (counted from 1; 0 is the
+    towers' input) and runs the rest of a head on other features:
+    - `hold`: also return the features there before their ReLU (with GroupNorm: conv + GN), as
+      mmcv's `ConvModule(activate=False)` gives them; at 0 that is `x` itself.
+    - `start`: only convs start + 1 .. num_convs run (the earlier ones are neither run nor
+      created), on x, which is then what conv `start`'s ReLU gave (the input at 0); x may be a
+      (cls, reg) pair, one input per tower.
+    The towers compute exactly what they did without these (the ReLU is the same op, applied
+    after the module instead of inside it), and their parameters keep their names.
+
+    Args:
+      x: [N, H, W, C], or a (cls, reg) pair of them.
+    Returns:
+      (cls features, reg features), each [N, H, W, features], after the last ReLU; with `hold`
+      a third element, the (cls, reg) pre-activation pair at depth `hold`.
     """
-    c = r = x
-    for i in range(num_convs):
+    c, r = x if isinstance(x, tuple) else (x, x)
+    held = (c, r) if hold == 0 else None
+    for i in range(start, num_convs):
         convs = []
         for tower in ("cls", "reg"):
             conv = Conv(
@@ -150,10 +170,12 @@ def conv_towers(x, *, num_convs, features, norm, dtype):
                 kernel_init=normal_001,
                 norm=norm,
                 dtype=dtype,
+                activate=False,
                 name=f"{tower}_convs_{i}",
             )
             convs.append(conv)
         c, r = convs[0](c), convs[1](r)
-        if norm is None:  # with a norm, Conv is a ConvModule and already ends in ReLU
-            c, r = nn.relu(c), nn.relu(r)
-    return c, r
+        if hold == i + 1:
+            held = (c, r)
+        c, r = nn.relu(c), nn.relu(r)
+    return (c, r) if hold is None else (c, r, held)

@@ -31,26 +31,39 @@ class RetinaHead(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, level):
-        """x: [N, H, W, C] -> {cls_logits [N, H, W, A*K], box_deltas [N, H, W, A*4]} float32."""
+    def __call__(self, x, level, tower=None):
+        """x: [N, H, W, C] -> {cls_logits [N, H, W, A*K], box_deltas [N, H, W, A*4]} float32,
+        plus `tower/cls` and `tower/reg` [N, H, W, feat_channels] in the compute dtype: the
+        towers after conv `dense.tower_depth(stacked_convs)` (its output with bias, before the
+        ReLU), which CrossKD reads.
+
+        tower: instead of x (pass None), a (cls, reg) pair of features at that point, from
+        which the rest of the head runs (CrossKD's teacher head on student features): ReLU
+        (not at depth 0, the neck), the remaining tower convs, retina_cls / retina_reg. The
+        result then has no `tower/*`.
+        """
         del level
         conv = lambda f, name, **kw: layers.Conv(  # noqa: E731
             f, 3, kernel_init=layers.normal_001, dtype=self.dtype, name=name, **kw
         )
-        c, r = layers.conv_towers(
-            x,
-            num_convs=self.stacked_convs,
-            features=self.feat_channels,
-            norm=None,
-            dtype=self.dtype,
-        )
+        depth = dense.tower_depth(self.stacked_convs)
+        towers = dict(num_convs=self.stacked_convs, features=self.feat_channels, norm=None)
+        if tower is None:
+            c, r, held = layers.conv_towers(x, **towers, dtype=self.dtype, hold=depth)
+        else:
+            held = None
+            c, r = (nn.relu(t) if depth else t for t in tower)
+            c, r = layers.conv_towers((c, r), **towers, dtype=self.dtype, start=depth)
         cls = conv(
             self.num_anchors * self.num_classes,
             "retina_cls",
             bias_init=layers.prior_bias(self.prior_prob),
         )(c)
         reg = conv(self.num_anchors * 4, "retina_reg")(r)
-        return {"cls_logits": cls.astype(jnp.float32), "box_deltas": reg.astype(jnp.float32)}
+        out = {"cls_logits": cls.astype(jnp.float32), "box_deltas": reg.astype(jnp.float32)}
+        if held is not None:
+            out["tower/cls"], out["tower/reg"] = held
+        return out
 
 
 class RetinaNet(dense.DenseDetector):
@@ -61,8 +74,10 @@ class RetinaNet(dense.DenseDetector):
       num_classes: K, foreground classes.
     """
 
-    TAPS = dense.DenseDetector.TAPS + ("head/box_deltas",)
-    LOSS_TAPS = ("assign",)  # `assign/pos`, `assign/neg`: the anchor assignment
+    TAPS = dense.DenseDetector.TAPS + ("head/box_deltas", "tower")
+    # `assign/pos`, `assign/neg`, `assign/label_weight`, `assign/valid`: the anchor assignment.
+    LOSS_TAPS = ("assign",)
+    VIEWS = (dense.CROSS_VIEW,)
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
@@ -96,8 +111,10 @@ class RetinaNet(dense.DenseDetector):
           outputs: from the module.
           batch: `boxes` [B, G, 4] canvas pixels, `labels` [B, G] int32, `box_valid` [B, G],
             `pad_shape` [B, 2] int32, `image_valid` [B] (padding examples contribute nothing).
-          taps: if given, the assignment is added as `assign/pos` / `assign/neg` [B, A] bool
-            (DeFeat's decoupled dense KD reads it).
+          taps: if given, the assignment is added, each [B, A]: `assign/pos` / `assign/neg`
+            bool (DeFeat's decoupled dense KD), `assign/label_weight` float32 (1 on positive
+            and negative anchors, 0 on ignored and invalid ones) and `assign/valid` bool
+            (anchors inside each real image's padded size), for CrossKD.
         Returns:
           (total loss, {'loss_cls', 'loss_bbox'}) float32 scalars.
         """
@@ -118,10 +135,17 @@ class RetinaNet(dense.DenseDetector):
         )
         assigned = assign(valid, batch["boxes"], gt_valid)  # [B, A]
         pos, matched_boxes, matched_labels = self.match(assigned, batch)
-        if taps is not None:
-            taps.update({"assign/pos": pos, "assign/neg": assigned == 0})
         onehot = jax.nn.one_hot(matched_labels, self.num_classes) * pos[..., None]
         label_w = (assigned >= 0).astype(jnp.float32)
+        if taps is not None:
+            taps.update(
+                {
+                    "assign/pos": pos,
+                    "assign/neg": assigned == 0,
+                    "assign/label_weight": label_w,
+                    "assign/valid": valid,
+                }
+            )
 
         cls_logits = self.flat(outputs, "cls_logits", self.num_classes)
         deltas = self.flat(outputs, "box_deltas", 4)
