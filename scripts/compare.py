@@ -1,0 +1,228 @@
+"""Every distiller against the baseline on the synthetic demo set, over several seeds.
+
+  python scripts/compare.py --workdir=/tmp/compare [--seeds=0,1,2] [--steps=300]
+      [--methods=frs,pkd,...] [--balance=both|off|on]
+
+The demo's teacher (`configs/demo.py`, RetinaNet R34) is trained once; then a RetinaNet R18
+student trains for `--steps` steps as a baseline and under each method, per seed. Each method
+takes its loss block from its RetinaNet config (`METHODS`), so it runs with its published
+weights; with `--balance=both` (the default) it runs again with `distill.auto_balance=True`.
+All students share the teacher's neck and head widths, so every method (CrossKD included)
+applies, and one warm-up (`--warmup`) and one schedule. LD distils GFL's box distributions and
+has no RetinaNet form: it is not in this comparison.
+
+Writes <workdir>/comparison.json (every run's mAP, wall time, loss balance), comparison.md
+(mean +- std of bbox_mAP per method and variant) and comparison.png (a bar chart with error
+bars of one std). Each run has its own workdir below <workdir>, so an interrupted comparison
+resumes where it stopped (finished runs only re-evaluate).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import ml_collections  # noqa: E402
+
+from jdistill import checkpoint, config_lib, train  # noqa: E402
+from jdistill import demo as demo_lib  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# Method -> the config whose `distill.losses` it runs (published weights, RetinaNet students).
+METHODS = {
+    "frs": "frs_retinanet",
+    "defeat": "defeat_retinanet",
+    "pkd": "pkd_retinanet",
+    "cwd": "cwd_retinanet",
+    "mgd": "mgd_retinanet",
+    "fgd": "fgd_retinanet",
+    "crosskd": "crosskd_retinanet",
+}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run.")
+_STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every student.")
+_WARMUP = flags.DEFINE_integer("warmup", 100, "Distillation warm-up steps of every method.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to compare with the baseline.")
+_BALANCE = flags.DEFINE_enum(
+    "balance", "both", ["both", "off", "on"], "Run with published weights, auto-balanced, or both."
+)
+
+
+def load_config(name, arg=None):
+    """`configs/<name>.py`'s config for `arg`."""
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def student_config(demo, method, seed, steps, warmup, auto_balance, teacher_dir):
+    """The run config of one student: the demo's data and schedule, a RetinaNet R18 with the
+    teacher's neck and head widths, and `method`'s loss block (None: the baseline)."""
+    common = {k: v for k, v in demo.to_dict().items() if k not in ("demo", "teacher", "distill")}
+    c = ml_collections.ConfigDict(common)
+    c.model = demo.demo.student.to_dict()
+    c.model.neck_channels = demo.demo.teacher.neck_channels
+    c.model.stacked_convs = demo.demo.teacher.stacked_convs
+    c.schedule.num_steps = steps
+    c.seed = seed
+    c.teacher = None
+    c.distill = None
+    if method is not None:
+        losses = load_config(METHODS[method]).distill.losses.to_dict()
+        for block in losses.values():
+            if "group_size" in block:  # the demo batch is one group, as in its FRS run
+                block["group_size"] = 0
+        c.teacher = dict(model=demo.demo.teacher.to_dict(), init=teacher_dir, init_skip=())
+        c.distill = config_lib.distill(losses, warmup_steps=warmup).to_dict()
+        c.distill.auto_balance = auto_balance
+    c.lock()
+    return c
+
+
+def runs(methods, balance_mode):
+    """(label, method or None, auto_balance) of every variant, baseline first."""
+    out = [("baseline", None, False)]
+    # Published weights first: an interrupted comparison has that half complete.
+    if balance_mode in ("both", "off"):
+        out += [(m, m, False) for m in methods]
+    if balance_mode in ("both", "on"):
+        out += [(f"{m}+auto", m, True) for m in methods]
+    return out
+
+
+def summarise(results):
+    """{label: [{'mAP', ...} per seed]} -> rows (label, mean, std, n, mean loss ratios)."""
+    rows = []
+    for label, per_seed in results.items():
+        maps = [r["bbox_mAP"] for r in per_seed]
+        mean = sum(maps) / len(maps)
+        std = (
+            math.sqrt(sum((m - mean) ** 2 for m in maps) / (len(maps) - 1)) if len(maps) > 1 else 0
+        )
+        ratios = {}
+        for r in per_seed:
+            for k, v in (r.get("balance") or {}).items():
+                ratios.setdefault(k, []).append(v)
+        ratios = {k: sum(v) / len(v) for k, v in ratios.items()}
+        rows.append((label, mean, std, len(maps), ratios))
+    return rows
+
+
+def markdown(rows, steps, seeds, wall_s):
+    """The comparison table (bbox_mAP in %, mean +- sample std over seeds)."""
+    lines = [
+        f"Synthetic demo set, RetinaNet R34 teacher -> R18 student, {steps} steps, seeds "
+        f"{', '.join(map(str, seeds))}, wall time {wall_s / 60:.0f} min.",
+        "",
+        "| student | bbox_mAP (%) | seeds | term / detection loss after warm-up |",
+        "|---|---|---|---|",
+    ]
+    for label, mean, std, n, ratios in rows:
+        ratio = ", ".join(f"{k} {v:.2g}x" for k, v in ratios.items()) or "-"
+        lines.append(f"| {label} | {100 * mean:.1f} ± {100 * std:.1f} | {n} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows, path, size=(900, 420)):
+    """A PNG bar chart of mean bbox_mAP with one-std error bars, one bar per row."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    w, h = size
+    left, bottom, top = 50, 90, 20
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    peak = max((m + s for _, m, s, _, _ in rows), default=1.0) or 1.0
+    scale = (h - bottom - top) / peak
+    slot = (w - left - 10) / max(len(rows), 1)
+    d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
+    for k in range(5):
+        v = peak * k / 4
+        y = h - bottom - v * scale
+        d.line([(left - 4, y), (left, y)], fill="black")
+        d.text((4, y - 6), f"{100 * v:.1f}", fill="black")
+    for i, (label, mean, std, _, _) in enumerate(rows):
+        x0 = left + i * slot + slot * 0.15
+        x1 = left + (i + 1) * slot - slot * 0.15
+        y = h - bottom - mean * scale
+        colour = (
+            "gray" if label == "baseline" else ("steelblue" if "+auto" not in label else "orange")
+        )
+        d.rectangle([x0, y, x1, h - bottom], fill=colour)
+        xc = (x0 + x1) / 2
+        y_hi, y_lo = h - bottom - (mean + std) * scale, h - bottom - (mean - std) * scale
+        d.line([(xc, y_hi), (xc, y_lo)], fill="black", width=2)
+        d.line([(xc - 5, y_hi), (xc + 5, y_hi)], fill="black", width=2)
+        d.line([(xc - 5, y_lo), (xc + 5, y_lo)], fill="black", width=2)
+        d.text((x0, h - bottom + 6 + 12 * (i % 2)), label, fill="black")
+    d.text((left, h - 30), "bbox_mAP (%), mean and one std over seeds", fill="black")
+    img.save(path)
+
+
+def balance_ratios(workdir, start, steps):
+    """Mean ratio of each term to the detection loss over the balance window of a run, from its
+    metrics.jsonl ({} for the baseline)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if start < r.get("step", 0) <= start + steps and "student/loss" in r]
+    out = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("distill/") and k.count("/") == 1:
+                out.setdefault(k.split("/")[1], []).append(v / max(r["student/loss"], 1e-12))
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(_METHODS.value) - set(METHODS))
+    if unknown:
+        raise app.UsageError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    workdir = _WORKDIR.value
+    train.check_workdir(workdir)
+    demo = load_config("demo")
+    seeds = [int(s) for s in _SEEDS.value]
+    t0 = time.time()
+    _, t_cfg, teacher_dir = demo_lib.stage_configs(demo, workdir)[0]  # the demo's teacher run
+    teacher = train.run(t_cfg, teacher_dir)
+    results = {}
+    for label, method, auto in runs(_METHODS.value, _BALANCE.value):
+        for seed in seeds:
+            cfg = student_config(demo, method, seed, _STEPS.value, _WARMUP.value, auto, teacher_dir)
+            wd = os.path.join(workdir, label, f"seed{seed}")
+            logging.info("compare: %s seed %d in %s", label, seed, wd)
+            start = time.time()
+            metrics = train.run(cfg, wd)
+            window = (_WARMUP.value, cfg.distill.balance_steps) if method else (0, 0)
+            results.setdefault(label, []).append(
+                {
+                    "seed": seed,
+                    "bbox_mAP": metrics["bbox_mAP"],
+                    "wall_s": time.time() - start,
+                    "balance": balance_ratios(wd, *window) if method else {},
+                }
+            )
+    wall = time.time() - t0
+    rows = summarise(results)
+    table = markdown(rows, _STEPS.value, seeds, wall)
+    checkpoint.write_json(
+        os.path.join(workdir, "comparison.json"),
+        {"teacher": teacher, "runs": results, "wall_s": wall, "steps": _STEPS.value},
+    )
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(table)
+    bar_chart(rows, os.path.join(workdir, "comparison.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

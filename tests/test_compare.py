@@ -1,0 +1,72 @@
+"""scripts/compare.py: the student configs it trains, and its table and chart."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+from jdistill import train
+from jdistill.distill import plan
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_method_student_is_a_valid_distillation_config(compare):
+    demo = compare.load_config("demo")
+    for method in compare.METHODS:
+        cfg = compare.student_config(demo, method, 3, 300, 100, True, "/tmp/teacher")
+        # the teacher's widths, so head-level methods (CrossKD) apply; the method's own losses
+        assert cfg.model.neck_channels == demo.demo.teacher.neck_channels
+        assert cfg.seed == 3 and cfg.schedule.num_steps == 300
+        assert cfg.distill.auto_balance and cfg.distill.warmup_steps == 100
+        published = compare.load_config(compare.METHODS[method]).distill.losses
+        assert sorted(cfg.distill.losses) == sorted(published)
+        assert [t.cfg.fn for t in plan.terms(cfg)] == [b.fn for b in published.values()]
+        cfg.unlock()
+        cfg.runlocal = True  # a random teacher is fine for the check
+        train.check_config(cfg)
+    base = compare.student_config(demo, None, 0, 300, 100, False, "")
+    assert base.teacher is None and base.distill is None
+
+
+def test_runs_put_published_weights_first(compare):
+    labels = [label for label, _, _ in compare.runs(["frs", "pkd"], "both")]
+    assert labels == ["baseline", "frs", "pkd", "frs+auto", "pkd+auto"]
+    assert [r[0] for r in compare.runs(["pkd"], "on")] == ["baseline", "pkd+auto"]
+
+
+def test_table_and_chart(compare, tmp_path):
+    results = {
+        "baseline": [{"bbox_mAP": 0.10}, {"bbox_mAP": 0.12}, {"bbox_mAP": 0.14}],
+        "frs": [
+            {"bbox_mAP": 0.2, "balance": {"frs_feat": 4.0}},
+            {"bbox_mAP": 0.2, "balance": {"frs_feat": 6.0}},
+        ],
+    }
+    rows = compare.summarise(results)
+    assert rows[0][:4] == pytest.approx(("baseline", 0.12, 0.02, 3))  # sample std
+    assert rows[1][4] == {"frs_feat": 5.0}
+    table = compare.markdown(rows, 300, [0, 1, 2], 600)
+    assert "| baseline | 12.0 ± 2.0 | 3 | - |" in table
+    assert "| frs | 20.0 ± 0.0 | 2 | frs_feat 5x |" in table
+    png = tmp_path / "c.png"
+    compare.bar_chart(rows, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_balance_ratios_read_the_window_from_metrics(compare, tmp_path):
+    lines = [
+        {"step": 1, "student/loss": 1.0, "distill/pkd": 100.0},  # in the warm-up: not counted
+        {"step": 3, "student/loss": 2.0, "distill/pkd": 4.0, "distill/pkd/p3": 9.0},
+        {"step": 4, "student/loss": 1.0, "distill/pkd": 4.0},
+        {"step": 9, "eval/bbox_mAP": 0.1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert compare.balance_ratios(str(tmp_path), 2, 2) == {"pkd": 3.0}
