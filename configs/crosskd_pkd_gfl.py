@@ -23,7 +23,7 @@ def get_config(arg=None):
     config.distill = config_lib.distill(
         dict(
             crosskd=dict(fn="crosskd", weight=1.0, cls_weight=1.0, reg_weight=4.0, tau=1.0),
-            pkd=dict(fn="pkd", weight=6.0, max_levels=None, group_size=2),
+            pkd=dict(fn="pkd", weight=6.0, max_levels=0, group_size=2),
         ),
     )
     if args.runlocal:

@@ -22,7 +22,7 @@ def get_config(arg=None):
     config.teacher = config_lib.teacher(config_lib.gfl(101))
     config.distill = config_lib.distill(
         dict(
-            cwd_logits=dict(fn="cwd_logits", weight=5.0, tau=1.0, max_levels=None),
+            cwd_logits=dict(fn="cwd_logits", weight=5.0, tau=1.0, max_levels=0),
         )
     )
     if args.runlocal:

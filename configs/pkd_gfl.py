@@ -25,7 +25,7 @@ def get_config(arg=None):
     config.teacher = config_lib.teacher(config_lib.gfl(101))
     config.distill = config_lib.distill(
         dict(
-            pkd=dict(fn="pkd", weight=6.0, max_levels=None, group_size=2),
+            pkd=dict(fn="pkd", weight=6.0, max_levels=0, group_size=2),
         )
     )
     if args.runlocal:

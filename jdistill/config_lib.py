@@ -8,6 +8,7 @@ import os
 
 import ml_collections
 
+from jdistill.distill import registry
 from jdistill.models import faster_rcnn as faster_rcnn_model
 from jdistill.models import fcos as fcos_model
 from jdistill.models import gfl as gfl_model
@@ -264,6 +265,12 @@ def distill(losses, *, warmup_steps=0, decay="none"):
       detection loss is logged (and warned about over 10x); auto_balance rescales each term
       once, at the window's end, to balance_target times the detection loss.
     """
+    # Each block carries its distiller's defaults, so config.json records every setting a run
+    # used and the command line can override any of them (it only sets keys that exist).
+    filled = {}
+    for key, block in losses.items():
+        block = dict(block)
+        filled[key] = {"weight": 1.0, **dict(registry.get(block["fn"]).defaults), **block}
     return ml_collections.ConfigDict(
         dict(
             warmup_steps=warmup_steps,
@@ -272,7 +279,7 @@ def distill(losses, *, warmup_steps=0, decay="none"):
             balance_steps=50,
             auto_balance=False,
             balance_target=1.0,
-            losses=losses,
+            losses=filled,
         )
     )
 

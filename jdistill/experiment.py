@@ -146,7 +146,7 @@ def init_state(config, student, terms, spec, canvas, tx_builder, load_init=True,
 
 def inherit_from_teacher(params, batch_stats, teacher_vars):
     """The student's variables with every non-backbone subtree (neck, heads) taken from the
-    teacher, as FGD and MGD start their students (`distill.init_from_teacher`).
+    teacher, as some methods publish their students' start (`distill.init_from_teacher`).
 
     Raises ValueError naming the first parameter whose shape differs (the two necks and heads
     must have the same widths).
@@ -181,7 +181,7 @@ def inherit_from_teacher(params, batch_stats, teacher_vars):
 # ============================================================================ step
 
 
-# Folded into the step's key for the distillers' randomness (MGD's masks), apart from the
+# Folded into the step's key for the distillers' randomness (random masks), apart from the
 # samplers' stream.
 DISTILL_STREAM = 0x6B64
 
@@ -190,8 +190,9 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
     """The jittable step(state, teacher_vars, batch) -> (state, metrics).
 
     Any teacher-on-student views the terms need are computed by the teacher's detector inside
-    the loss (they depend on the student's outputs, e.g. its sampled RoIs); each view stops the
-    gradients it must (`Detector.view`), since some (CrossKD's) differentiate the student.
+    the loss (they depend on the student's outputs, e.g. its sampled regions); each view stops
+    the gradients it must (`Detector.view`), since some differentiate the student through the
+    frozen teacher's layers.
     """
     warmup = config.distill.warmup_steps if terms else 0
     decay = config.distill.get("decay", "none") if terms else "none"
@@ -226,8 +227,8 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
             if terms:
                 teacher_view = dict(t_taps)
                 for name in views:
-                    # Not stopped here: a view stops what it must itself (the RoI view its
-                    # output); CrossKD's cross-head predictions carry the student's gradient.
+                    # Not stopped here: a view stops what it must itself; some carry the
+                    # student's gradient through the teacher's layers.
                     teacher_view.update(teacher.view(name, teacher_vars, t_outputs, t_taps, taps))
                 factor = registry.warmup_factor(step, warmup) * registry.decay_factor(
                     step, total_steps, decay

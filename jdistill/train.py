@@ -107,6 +107,8 @@ def check_config(config):
         terms = plan.terms(config)
     except KeyError as e:
         raise ConfigError(e.args[0]) from e
+    except TypeError as e:  # a block value of another type than the distiller's default
+        raise ConfigError(f"config.distill.losses: {e}") from e
     if terms:
         if not teacher:
             raise ConfigError("config.distill has losses but config.teacher is not set")
@@ -116,6 +118,21 @@ def check_config(config):
             detector_lib.build(teacher.model, 1).spec,
         )
         errors = plan.problems(terms, spec)
+        # Distillers normalise per group of images of the global batch (the originals' GPUs).
+        groups = [(f"distill.losses.{t.key}.group_size", t.cfg.get("group_size", 0)) for t in terms]
+        groups.append(("teacher.model.loss_group_size", teacher.model.get("loss_group_size", 0)))
+        for key, g in groups:
+            if g and g < config.batch_size and config.batch_size % g:
+                errors.append(f"config.{key}={g} does not divide batch_size {config.batch_size}")
+        if config.distill.get("init_from_teacher", False):
+            s, t = config.model, teacher.model
+            for what in ("family", "neck_channels", "stacked_convs"):
+                if s.get(what) != t.get(what):
+                    errors.append(
+                        f"distill.init_from_teacher copies the teacher's neck and heads, but "
+                        f"the student's model.{what} {s.get(what)!r} differs from the teacher's "
+                        f"{t.get(what)!r}"
+                    )
         if errors:
             raise ConfigError("; ".join(errors))
         if not teacher.get("init"):

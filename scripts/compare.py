@@ -8,7 +8,9 @@ student trains for `--steps` steps as a baseline and under each method, per seed
 takes its loss block from its RetinaNet config (`METHODS`), so it runs with its published
 weights; with `--balance=both` (the default) it runs again with `distill.auto_balance=True`.
 All students share the teacher's neck and head widths, so every method (CrossKD included)
-applies, and one warm-up (`--warmup`) and one schedule. LD distils GFL's box distributions and
+applies, one warm-up (`--warmup`), one schedule, the demo's gradient clip and one
+normalisation group per batch; FGD and MGD start from the teacher's neck and heads, as
+published (`init_from_teacher`). LD distils GFL's box distributions and
 has no RetinaNet form: it is not in this comparison.
 
 Writes <workdir>/comparison.json (every run's mAP, wall time, loss balance), comparison.md
@@ -32,6 +34,7 @@ import ml_collections  # noqa: E402
 
 from jdistill import checkpoint, config_lib, train  # noqa: E402
 from jdistill import demo as demo_lib  # noqa: E402
+from jdistill.distill import registry  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Method -> the config whose `distill.losses` it runs (published weights, RetinaNet students).
@@ -45,14 +48,20 @@ METHODS = {
     "crosskd": "crosskd_retinanet",
 }
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every student.")
-_WARMUP = flags.DEFINE_integer("warmup", 100, "Distillation warm-up steps of every method.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to compare with the baseline.")
-_BALANCE = flags.DEFINE_enum(
-    "balance", "both", ["both", "off", "on"], "Run with published weights, auto-balanced, or both."
-)
+
+def define_flags():
+    """The command's flags (defined when run as a script, so importing this module for its
+    functions defines none)."""
+    return dict(
+        workdir=flags.DEFINE_string("workdir", None, "Where the runs and the table go."),
+        seeds=flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run."),
+        steps=flags.DEFINE_integer("steps", 300, "Training steps of every student."),
+        warmup=flags.DEFINE_integer("warmup", 100, "Distillation warm-up of every method."),
+        methods=flags.DEFINE_list("methods", list(METHODS), "Methods besides the baseline."),
+        balance=flags.DEFINE_enum(
+            "balance", "both", ["both", "off", "on"], "Published weights, auto-balanced, or both."
+        ),
+    )
 
 
 def load_config(name, arg=None):
@@ -77,13 +86,16 @@ def student_config(demo, method, seed, steps, warmup, auto_balance, teacher_dir)
     c.teacher = None
     c.distill = None
     if method is not None:
-        losses = load_config(METHODS[method]).distill.losses.to_dict()
+        published = load_config(METHODS[method]).distill
+        losses = published.losses.to_dict()
         for block in losses.values():
-            if "group_size" in block:  # the demo batch is one group, as in its FRS run
-                block["group_size"] = 0
+            if "group_size" in registry.get(block["fn"]).defaults:
+                block["group_size"] = 0  # one normalisation group: the demo's batch
         c.teacher = dict(model=demo.demo.teacher.to_dict(), init=teacher_dir, init_skip=())
         c.distill = config_lib.distill(losses, warmup_steps=warmup).to_dict()
         c.distill.auto_balance = auto_balance
+        # FGD's and MGD's published students start from the teacher's neck and heads
+        c.distill.init_from_teacher = published.get("init_from_teacher", False)
     c.lock()
     return c
 
@@ -181,27 +193,28 @@ def balance_ratios(workdir, start, steps):
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-def main(argv):
+def main(argv, opts):
     del argv
-    unknown = sorted(set(_METHODS.value) - set(METHODS))
+    o = {k: flag.value for k, flag in opts.items()}
+    unknown = sorted(set(o["methods"]) - set(METHODS))
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    workdir = _WORKDIR.value
+    workdir = o["workdir"]
     train.check_workdir(workdir)
     demo = load_config("demo")
-    seeds = [int(s) for s in _SEEDS.value]
+    seeds = [int(s) for s in o["seeds"]]
     t0 = time.time()
     _, t_cfg, teacher_dir = demo_lib.stage_configs(demo, workdir)[0]  # the demo's teacher run
     teacher = train.run(t_cfg, teacher_dir)
     results = {}
-    for label, method, auto in runs(_METHODS.value, _BALANCE.value):
+    for label, method, auto in runs(o["methods"], o["balance"]):
         for seed in seeds:
-            cfg = student_config(demo, method, seed, _STEPS.value, _WARMUP.value, auto, teacher_dir)
+            cfg = student_config(demo, method, seed, o["steps"], o["warmup"], auto, teacher_dir)
             wd = os.path.join(workdir, label, f"seed{seed}")
             logging.info("compare: %s seed %d in %s", label, seed, wd)
             start = time.time()
             metrics = train.run(cfg, wd)
-            window = (_WARMUP.value, cfg.distill.balance_steps) if method else (0, 0)
+            window = (o["warmup"], cfg.distill.balance_steps) if method else (0, 0)
             results.setdefault(label, []).append(
                 {
                     "seed": seed,
@@ -212,10 +225,10 @@ def main(argv):
             )
     wall = time.time() - t0
     rows = summarise(results)
-    table = markdown(rows, _STEPS.value, seeds, wall)
+    table = markdown(rows, o["steps"], seeds, wall)
     checkpoint.write_json(
         os.path.join(workdir, "comparison.json"),
-        {"teacher": teacher, "runs": results, "wall_s": wall, "steps": _STEPS.value},
+        {"teacher": teacher, "runs": results, "wall_s": wall, "steps": o["steps"]},
     )
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(table)
@@ -224,5 +237,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    FLAGS = define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    app.run(lambda argv: main(argv, FLAGS))

@@ -275,14 +275,16 @@ def mse_sum_per_image(a, b):
     return total / n_img
 
 
-def registered(module, name, taps=("neck",)):
+def registered(module, name, taps=("neck",), any_family=True):
     """The distiller registered as `name`, checked to be `module.DISTILLERS[name]`, to read the
-    tap groups `taps` from the student and the teacher, and to take a teacher of any family."""
+    tap groups `taps` from the student and the teacher, and to take a teacher of any family
+    (or, with `any_family=False`, to refuse another family with a reason)."""
     from jdistill.distill import registry
 
     d = registry.get(name)
     assert d is module.DISTILLERS[name]
-    assert d.student_taps == taps and d.teacher_taps == taps and d.same_family == ""
+    assert d.student_taps == taps and d.teacher_taps == taps
+    assert (d.same_family == "") == any_family
     return d
 
 

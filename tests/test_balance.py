@@ -46,6 +46,19 @@ def test_auto_balance_rescales_once_at_the_end_of_the_window():
     assert seen[4] == pytest.approx({"big": 0.1, "small": 2.0})  # set at its last step (4)
     assert seen[6] == seen[4]  # and never again
     np.testing.assert_allclose(float(state["ratio_sum"]["big"]), 30.0)  # 3 steps x 10
+    assert float(state["count"]) == 3.0
+
+
+def test_auto_balance_caps_the_scale_of_a_vanishing_term():
+    terms = plan.terms(config())
+    state = balance.init_state(terms)
+    for step in range(5):
+        contribs = {"big": jnp.float32(1e-6), "small": jnp.float32(1.0)}
+        state = balance.update(
+            state, jnp.int32(step), contribs, jnp.float32(1.0), start=2, steps=3, target=1.0
+        )
+    assert float(state["scale"]["big"]) == balance.MAX_SCALE
+    assert float(state["scale"]["small"]) == pytest.approx(1.0)
 
 
 def test_monitor_reports_ratios_and_warns_with_a_suggested_weight(caplog):
@@ -60,7 +73,7 @@ def test_monitor_reports_ratios_and_warns_with_a_suggested_weight(caplog):
     assert "big 12x" in text and "small 0.5x" in text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'big' stays 12.0x" in warnings[0].getMessage()
-    assert "weight 0.04167 would bring it to 1x (now 0.5)" in warnings[0].getMessage()
+    assert "weight 0.04167 would bring it to 1x (current weight 0.5)" in warnings[0].getMessage()
     assert monitor.observe([7], rows[:1]) is None  # reported once
 
 

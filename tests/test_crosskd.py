@@ -690,7 +690,7 @@ def test_configs_pass_check_config(name):
     losses = config_.distill.losses
     assert losses.crosskd.fn == "crosskd"
     if name == "crosskd_pkd_gfl":
-        assert losses.pkd.weight == 6.0 and losses.pkd.max_levels is None
+        assert losses.pkd.weight == 6.0 and losses.pkd.max_levels == 0
 
 
 @pytest.mark.parametrize("teacher", ["fcos_r50_caffe_coco", "faster_rcnn_r50_coco"])

@@ -175,15 +175,17 @@ def test_logits_variant_reads_class_logits_and_needs_equal_heads():
         to_taps(s, prefix), to_taps(t, prefix), batch_of(2), None, cfg=cfg, spec=spec
     )
     np.testing.assert_allclose(got, ref_cwd(s, t, LEVELS, 1.0), rtol=1e-5, atol=1e-5)
-    d = registered(cwd, "cwd_logits", (prefix,))
+    d = registered(cwd, "cwd_logits", (prefix,), any_family=False)
     assert d.init is None
     assert d.defaults["weight"] == 5.0
     assert d.check(cfg, spec) is None
     gfl = det_spec("gfl", num_classes=3, num_anchors=1)
     assert "anchors" in d.check(cfg, pair(gfl, head))
     assert "classes" in d.check(cfg, pair(det_spec("gfl", num_classes=4), gfl))
-    # FCOS and GFL heads both have one prior of K classes per cell: allowed
+    # FCOS and GFL heads both have one prior of K classes per cell, but score different things:
+    # the family rule refuses the pair (plan.problems), before the check would pass it
     assert d.check(cfg, pair(det_spec("fcos", num_classes=3), gfl)) is None
+    assert "FCOS's class logits" in d.same_family
 
 
 def test_registry_levels_and_adapter():

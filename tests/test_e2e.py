@@ -163,6 +163,26 @@ def test_mismatched_distillation_setups_are_refused():
         train.check_config(config)
 
 
+def test_distillation_settings_are_checked_before_compiling():
+    config = load_config("pkd_fcos_to_retinanet", "runlocal")
+    config.unlock()
+    # every default is in the config (config.json records it; the command line can set it)
+    assert config.distill.losses.pkd.count_padding is False
+    assert config.distill.losses.pkd.levels == () and config.distill.losses.pkd.max_levels == 4
+    config.distill.losses.pkd.group_size = 3
+    config.distill.init_from_teacher = True
+    with pytest.raises(train.ConfigError) as e:
+        train.check_config(config)
+    msg = str(e.value)
+    assert "distill.losses.pkd.group_size=3 does not divide batch_size 8" in msg
+    assert "model.family 'retinanet' differs from the teacher's 'fcos'" in msg
+    config = load_config("pkd_gfl", "runlocal")
+    config.unlock()
+    config.distill.losses = {"pkd": {"fn": "pkd", "group_size": 2.5}}  # a block made by hand
+    with pytest.raises(train.ConfigError, match="config.distill.losses"):
+        train.check_config(config)
+
+
 def test_distillation_without_teacher_is_refused():
     config = load_config("frs_retinanet")
     with pytest.raises(ValueError, match="teacher.init is empty"):

@@ -139,7 +139,7 @@ def test_matches_the_mmrazor_transcription(group_size):
     assert sorted(metrics) == ["p3", "p4", "p5", "p6"]
     np.testing.assert_allclose(sum(metrics.values()), got, rtol=1e-6)
     # all five levels; and the per-GPU grouping changes the value (so the test can tell)
-    cfg_all = config(group_size=group_size, max_levels=None)
+    cfg_all = config(group_size=group_size, max_levels=0)
     got_all, _ = pkd.pkd(to_taps(s), to_taps(t), batch_of(4), None, cfg=cfg_all, spec=pair())
     want_all = ref_pkd(s, t, [(lvl, lvl) for lvl in RETINA_LEVELS], group_size)
     np.testing.assert_allclose(got_all, want_all, rtol=1e-5, atol=1e-5)

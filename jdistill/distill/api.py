@@ -120,15 +120,17 @@ def paired_levels(spec, strides=None):
 def selected_levels(cfg, spec, candidates=None):
     """The level pairs a method distils: [(index, student level, teacher level, stride)].
 
-    `cfg.levels` (student strides) keeps exactly those pairs; without it (None or absent) the
-    first `cfg.max_levels` pairs are kept (None, absent or 0: all). `candidates` are the pairs to
-    choose from, (index, student level, teacher level, student stride, ...) as `paired_levels`
-    gives them (the default), any further fields kept. Index i is the pair's position in the
-    returned list, the one adapters and params are keyed by (`level_{i}`).
+    `cfg.levels` (student strides) keeps exactly those pairs; without it (empty, None or
+    absent) the first `cfg.max_levels` pairs are kept (0, None or absent: all). Configs use ()
+    and 0, which the command line can override (it cannot set a key whose value is None).
+    `candidates` are the pairs to choose from, (index, student level, teacher level, student
+    stride, ...) as `paired_levels` gives them (the default), any further fields kept. Index i
+    is the pair's position in the returned list, the one adapters and params are keyed by
+    (`level_{i}`).
     """
     pairs = paired_levels(spec) if candidates is None else candidates
     levels = cfg.get("levels")
-    if levels is not None:
+    if levels:
         pairs = [p for p in pairs if p[3] in tuple(levels)]
     elif cfg.get("max_levels"):
         pairs = pairs[: cfg.get("max_levels")]

@@ -20,6 +20,9 @@ import numpy as np
 from absl import logging
 
 WARN_RATIO = 10.0
+# Auto-balance never multiplies a term by more than this: a term near zero over the window
+# (few positives, say) must not be blown up by orders of magnitude.
+MAX_SCALE = 100.0
 DEFAULT_STEPS = 50
 DEFAULT_TARGET = 1.0
 
@@ -32,8 +35,11 @@ def window(config):
 
 
 def init_state(terms):
-    """The auto-balance state: {'ratio_sum': {key: 0.}, 'scale': {key: 1.}} float32 scalars."""
+    """The auto-balance state: {'count': 0., 'ratio_sum': {key: 0.}, 'scale': {key: 1.}}
+    float32 scalars (`count`: window steps taken; a non-finite step is not kept, so not
+    counted)."""
     return {
+        "count": jnp.float32(0.0),
         "ratio_sum": {t.key: jnp.float32(0.0) for t in terms},
         "scale": {t.key: jnp.float32(1.0) for t in terms},
     }
@@ -50,19 +56,22 @@ def update(state, step, contribs, detection, *, start, steps, target):
       start, steps: the window (`window`).
       target: the ratio each term is rescaled to.
     Returns:
-      the new state; the scales change only at step start + steps - 1.
+      the new state; the scales change only at step start + steps - 1, to target / mean ratio,
+      at most `MAX_SCALE`.
     """
     inside = (step >= start) & (step < start + steps)
     last = step == start + steps - 1
+    count = state["count"] + inside.astype(jnp.float32)
     ratio_sum, scale = {}, {}
     for key, contrib in contribs.items():
         old = state["scale"][key]
         ratio = jax.lax.stop_gradient(contrib / old) / jnp.maximum(detection, 1e-12)
         total = state["ratio_sum"][key] + jnp.where(inside, ratio, 0.0)
-        mean = total / steps
+        mean = total / jnp.maximum(count, 1.0)
+        new = jnp.minimum(target / jnp.where(mean > 0, mean, 1.0), MAX_SCALE)
         ratio_sum[key] = total
-        scale[key] = jnp.where(last & (mean > 0), target / jnp.where(mean > 0, mean, 1.0), old)
-    return {"ratio_sum": ratio_sum, "scale": scale}
+        scale[key] = jnp.where(last & (mean > 0), new, old)
+    return {"count": count, "ratio_sum": ratio_sum, "scale": scale}
 
 
 class Monitor:
@@ -107,7 +116,7 @@ class Monitor:
             if ratio > WARN_RATIO and not self.auto:
                 logging.warning(
                     "distillation term %r stays %.1fx the detection loss over steps %d-%d "
-                    "(> %gx): weight %.4g would bring it to %gx (now %g), or set "
+                    "(> %gx): weight %.4g would bring it to %gx (current weight %g), or set "
                     "distill.auto_balance=True",
                     key,
                     ratio,

@@ -33,8 +33,8 @@ a real image's padded size) and w = sigmoid(max_k T_cls) where lw > 0, else 0:
 
 The loss returned is cls_weight * l_cls + reg_weight * l_reg, before `weight` (1) and warm-up.
 
-Settings (`defaults`, overlaid by the config block): `cls_weight` 1, `reg_weight` None (the
-family's: 4 for GFL, 1 for RetinaNet), `beta` 1, `tau` 1 (the KL's T, GFL), `group_size` 2
+Settings (`defaults`, overlaid by the config block): `cls_weight` 1, `reg_weight` -1 (negative:
+the family's, 4 for GFL and 1 for RetinaNet), `beta` 1, `tau` 1 (the KL's T, GFL), `group_size` 2
 (mmdetection's images per GPU, for the normalisers; the view's statistics use the teacher
 model's `loss_group_size`, also 2).
 
@@ -132,7 +132,7 @@ def crosskd(student_taps, teacher_taps, batch, params, *, cfg, spec):
         `head/box_deltas/p{l}` (RetinaNet), and the view's `cross/*/p{l}` of the same shapes.
       batch: `image_valid` [N] bool (padding examples add nothing to the positive counts).
       params: None.
-      cfg: `cls_weight`, `reg_weight` (None: the family's), `beta`, `tau`, `group_size`.
+      cfg: `cls_weight`, `reg_weight` (negative: the family's), `beta`, `tau`, `group_size`.
       spec: the `api.Pair` (one family, GFL or RetinaNet; `check`).
     Returns:
       (scalar float32, {'cls': l_cls, 'reg': l_reg} unweighted).
@@ -179,7 +179,7 @@ def crosskd(student_taps, teacher_taps, batch, params, *, cfg, spec):
         l_reg = jnp.mean(det_losses.grouped_sum(w * giou, group) / avg)
 
     reg_weight = cfg.get("reg_weight")
-    reg_weight = REG_WEIGHT[family] if reg_weight is None else reg_weight
+    reg_weight = REG_WEIGHT[family] if reg_weight is None or reg_weight < 0 else reg_weight
     total = cfg.cls_weight * l_cls + reg_weight * l_reg
     return total, {"cls": l_cls, "reg": l_reg}
 
@@ -220,7 +220,7 @@ DISTILLERS = {
         defaults={
             "weight": 1.0,
             "cls_weight": 1.0,
-            "reg_weight": None,
+            "reg_weight": -1.0,  # negative: the family's (GFL 4, RetinaNet 1)
             "beta": 1.0,
             "tau": 1.0,
             "group_size": 2,

@@ -19,7 +19,7 @@ Two registered names, one formula:
   pair one to one, so the two heads must have the same anchors per cell and classes (`check`).
 
 Settings (`defaults`): `tau` 1; `levels` (student strides) picks exactly those pairs, else the
-first `max_levels` pairs (None: all); pairs by stride (`api.paired_levels`) and the two maps
+first `max_levels` pairs (0: all); pairs by stride (`api.paired_levels`) and the two maps
 must have one size (the original asserts it; we raise).
 
 Padding (`count_padding` False): only cells inside each image's padded size count
@@ -158,8 +158,8 @@ DISTILLERS = {
         defaults={
             "weight": 10.0,
             "tau": 1.0,
-            "levels": None,
-            "max_levels": None,
+            "levels": (),
+            "max_levels": 0,
             "adapter": "conv1x1",
             "count_padding": False,
         },
@@ -172,10 +172,14 @@ DISTILLERS = {
         defaults={
             "weight": 5.0,
             "tau": 1.0,
-            "levels": None,
-            "max_levels": None,
+            "levels": (),
+            "max_levels": 0,
             "count_padding": False,
         },
+        same_family=(
+            "it compares classification maps channel by channel, and another family's head "
+            "scores other things (GFL's joint class-quality, FCOS's class logits, anchors)"
+        ),
         check=check_logits,
     ),
 }

@@ -62,7 +62,7 @@ DEFAULTS = dict(
     gamma_fgd=5e-4,
     lambda_fgd=5e-6,
     count_padding=False,
-    levels=None,  # student strides to distil (None: every level paired with the teacher)
+    levels=(),  # student strides to distil (empty: every level paired with the teacher)
 )
 
 # Per-family settings of the original's configs, for configs to pick from.
@@ -285,11 +285,11 @@ def check(cfg, spec):
     """An error for settings FGD cannot take (None: fine)."""
     msg = api.check_levels(cfg, spec)
     if msg:
-        return f"FGD: {msg}"
+        return msg
     if spec.teacher.channels < 2 or spec.teacher.channels % 2:
-        return f"FGD: the GC blocks halve the teacher's {spec.teacher.channels} channels"
+        return f"the GC blocks halve the teacher's {spec.teacher.channels} channels"
     if cfg["temp"] <= 0:
-        return f"FGD: temp={cfg['temp']} must be positive"
+        return f"temp={cfg['temp']} must be positive"
     return None
 
 

@@ -45,7 +45,7 @@ DEFAULTS = dict(
     lambda_mgd=0.65,  # probability that a cell is masked (zeroed)
     mask_on_channel=False,
     count_padding=False,
-    levels=None,  # student strides to distil (None: every level paired with the teacher)
+    levels=(),  # student strides to distil (empty: every level paired with the teacher)
 )
 
 # Folded into the step key before the level index: "MGD" in ASCII.
@@ -168,9 +168,9 @@ def check(cfg, spec):
     """An error for settings MGD cannot take (None: fine)."""
     msg = api.check_levels(cfg, spec)
     if msg:
-        return f"MGD: {msg}"
+        return msg
     if not 0.0 <= cfg["lambda_mgd"] < 1.0:
-        return f"MGD: lambda_mgd={cfg['lambda_mgd']} must lie in [0, 1)"
+        return f"lambda_mgd={cfg['lambda_mgd']} must lie in [0, 1)"
     return None
 
 

@@ -14,7 +14,7 @@ Settings (`defaults`, overlaid by the config block):
 - `weight` 6: mmrazor's base PKD config (Faster R-CNN R101 -> R50, Swin Mask R-CNN -> RetinaNet)
   and CrossKD + PKD on GFL; mmrazor's RetinaNet / FCOS -> RetinaNet rows use 10 (configs say so).
 - Levels: `levels` (a tuple of student strides) picks exactly those pairs; without it the first
-  `max_levels` pairs are kept (default 4: mmrazor distils neck outputs 0-3 only; None: all).
+  `max_levels` pairs are kept (default 4: mmrazor distils neck outputs 0-3 only; 0: all).
 - `pair` 'stride' (default): levels pair by stride (`api.paired_levels`), so a Faster R-CNN
   teacher's P3..P6 meet a RetinaNet student's P3..P6. 'index': the i-th student level meets the
   i-th teacher level, as mmrazor's `data_idx` mapping does: a Mask R-CNN teacher's P2 then
@@ -58,7 +58,7 @@ def select_pairs(cfg, spec, pairing=None):
     stride)], i the adapter index (position in this list).
 
     `pairing` ('stride' | 'index', default `cfg.pair`), `cfg.levels` (student strides, or
-    None) and `cfg.max_levels` (first k pairs when `levels` is None; None: all) as in the
+    empty) and `cfg.max_levels` (first k pairs when `levels` is empty; 0: all) as in the
     module docstring (`api.selected_levels`).
     """
     return api.selected_levels(cfg, spec, _candidates(spec, pairing or cfg.get("pair", "stride")))
@@ -216,7 +216,7 @@ DISTILLERS = {
         init=init,
         defaults={
             "weight": 6.0,
-            "levels": None,
+            "levels": (),
             "max_levels": 4,
             "pair": "stride",
             "group_size": 2,
