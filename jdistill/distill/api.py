@@ -180,3 +180,13 @@ def level_valid(batch, feat_hw, stride, cfg):
     if cfg.get("count_padding", False):
         return jnp.ones((n, *feat_hw), jnp.float32)
     return pixel_valid(batch["pad_shape"], feat_hw, stride)
+
+
+def check_settings(cfg):
+    """An error string for the shared settings a method's block may carry, else None:
+    `group_size` (images per normalisation group) >= 0 and a temperature `tau` > 0."""
+    if cfg.get("group_size", 0) < 0:
+        return f"group_size must be >= 0, not {cfg.get('group_size')}"
+    if cfg.get("tau", 1.0) <= 0:
+        return f"tau must be > 0, not {cfg.get('tau')}"
+    return None

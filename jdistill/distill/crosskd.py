@@ -204,11 +204,7 @@ def check(cfg, spec):
             )
     if s.family == "retinanet" and dict(s.anchors) != dict(t.anchors):
         return f"the student's anchors {dict(s.anchors)} differ from the teacher's"
-    if cfg.get("group_size", 0) < 0:
-        return f"group_size must be >= 0, not {cfg.get('group_size')}"
-    if cfg.get("tau", 1.0) <= 0:
-        return f"tau must be > 0, not {cfg.get('tau')}"
-    return None
+    return api.check_settings(cfg)
 
 
 DISTILLERS = {

@@ -125,12 +125,7 @@ def init(rng, *, cfg, spec):
 
 def check(cfg, spec):
     """Errors for a level selection CWD cannot take or an unknown adapter kind."""
-    msg = api.check_levels(cfg, spec) or pkd.check_adapter(cfg, spec)
-    if msg:
-        return msg
-    if cfg.get("tau", 1.0) <= 0:
-        return f"tau must be > 0, not {cfg.get('tau')}"
-    return None
+    return api.check_levels(cfg, spec) or pkd.check_adapter(cfg, spec) or api.check_settings(cfg)
 
 
 def check_logits(cfg, spec):
@@ -141,12 +136,7 @@ def check_logits(cfg, spec):
             f"it compares logit channels one to one: the student has {s.num_anchors} anchors x "
             f"{s.num_classes} classes per cell, the teacher {t.num_anchors} x {t.num_classes}"
         )
-    msg = api.check_levels(cfg, spec)
-    if msg:
-        return msg
-    if cfg.get("tau", 1.0) <= 0:
-        return f"tau must be > 0, not {cfg.get('tau')}"
-    return None
+    return api.check_levels(cfg, spec) or api.check_settings(cfg)
 
 
 DISTILLERS = {

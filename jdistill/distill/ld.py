@@ -121,11 +121,7 @@ def check(cfg, spec):
         )
     if tuple(s.strides) != tuple(t.strides):
         return f"the student's strides {s.strides} differ from the teacher's {t.strides}"
-    if cfg.get("group_size", 0) < 0:
-        return f"group_size must be >= 0, not {cfg.get('group_size')}"
-    if cfg.get("tau", 1.0) <= 0:
-        return f"tau must be > 0, not {cfg.get('tau')}"
-    return None
+    return api.check_settings(cfg)
 
 
 DISTILLERS = {

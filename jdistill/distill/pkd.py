@@ -200,12 +200,11 @@ def check(cfg, spec):
     pairing = cfg.get("pair", "stride")
     if pairing not in PAIRINGS:
         return f"pair={pairing!r}: use one of {PAIRINGS}"
-    msg = api.check_levels(cfg, spec, _candidates(spec, pairing)) or check_adapter(cfg, spec)
-    if msg:
-        return msg
-    if cfg.get("group_size", 0) < 0:
-        return f"group_size must be >= 0, not {cfg.get('group_size')}"
-    return None
+    return (
+        api.check_levels(cfg, spec, _candidates(spec, pairing))
+        or check_adapter(cfg, spec)
+        or api.check_settings(cfg)
+    )
 
 
 DISTILLERS = {
