@@ -99,3 +99,28 @@ def test_invalid_priors_are_ignored_and_never_best():
     out, _ = run(prior_valid=jnp.array([False, True, True, True, True]))
     # prior0 is invalid: -1; gt0's best valid prior is prior1 (IoU .5) -> positive anyway
     np.testing.assert_array_equal(out, [-1, 1, 0, 2, 0])
+
+
+def test_low_quality_ties_survive_an_ulp_of_rounding():
+    """Two anchors shifted symmetrically about a box overlap it equally; an IoU rounded one ulp
+    lower (what another compiled program may compute) still ties, a real difference does not."""
+    gt = jnp.array([[10.0, 10.0, 30.0, 30.0]])
+    x2 = np.float32(35.0)
+    priors = jnp.array(
+        [
+            [5.0, 10.0, 25.0, 30.0],  # IoU 15*20 / (2*400 - 300) = 0.6
+            [15.0, 10.0, np.nextafter(x2, np.float32(40)), 30.0],  # the same, an ulp wider
+            [15.1, 10.0, 35.1, 30.0],  # really less overlap
+        ]
+    )
+    got, max_iou = assign.max_iou_assign(
+        priors,
+        jnp.ones(3, bool),
+        gt,
+        jnp.ones(1, bool),
+        pos_iou_thr=0.9,
+        neg_iou_thr=0.3,
+        min_pos_iou=0.0,
+    )
+    assert max_iou[0] != max_iou[1]  # the tie is broken by rounding alone
+    np.testing.assert_array_equal(got, [1, 1, -1])

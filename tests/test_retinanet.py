@@ -12,6 +12,7 @@ from conftest import crafted_batch
 
 from jdistill import config_lib
 from jdistill.models import detector as detector_lib
+from jdistill.ops import assign as assign_ops
 
 
 def np_anchors(canvas, strides, octave=4, per_octave=3, ratios=(0.5, 1.0, 2.0)):
@@ -58,7 +59,8 @@ def np_assign(anchors, gts):
     gt_max = ov.max(0)
     for i in range(len(gts)):
         if gt_max[i] >= 0.0:
-            assigned[ov[:, i] == gt_max[i]] = i + 1
+            # mmdetection: `== gt_max`; ties within assign.TIE_TOL (see max_iou_assign)
+            assigned[ov[:, i] >= gt_max[i] * (1 - assign_ops.TIE_TOL)] = i + 1
     return assigned
 
 

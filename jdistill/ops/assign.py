@@ -10,6 +10,10 @@ import jax.numpy as jnp
 
 from jdistill.ops import boxes as box_ops
 
+# IoUs this close to a gt's best IoU tie with it in the low-quality matching step: a few float32
+# ulps of an IoU near 1, far below any difference between two anchors' real overlaps.
+TIE_TOL = 2.0**-21
+
 
 def max_iou_assign(
     priors,
@@ -52,7 +56,12 @@ def max_iou_assign(
     assigned = jnp.where(max_iou >= pos_iou_thr, argmax + 1, assigned)
     if match_low_quality:
         gt_max = iou.max(axis=0)  # [G], best prior per gt
-        lq = (iou == gt_max[None, :]) & (gt_max >= min_pos_iou)[None, :] & gt_valid[None, :]
+        # mmdetection tests `iou == gt_max`. Ties are common (anchors placed symmetrically
+        # about a box), and float32 IoUs of real ties differ by an ulp or two depending on how
+        # XLA compiles the arithmetic: the program for 2 processes x 2 devices found 8 tied
+        # anchors where the one for 1 process x 4 devices found 4. Within TIE_TOL is a tie.
+        tied = iou >= gt_max[None, :] * (1 - TIE_TOL)
+        lq = tied & (gt_max >= min_pos_iou)[None, :] & gt_valid[None, :]
         lq = lq & prior_valid[:, None]
         num_gt = gt_boxes.shape[0]
         # The last gt that claims a prior wins, as the reference's loop over gts overwrites.
