@@ -2,7 +2,7 @@
 
 A training checkpoint in `workdir/checkpoints/<step>/` holds three items:
   state: {step, params: {student, adapters}, batch_stats, opt_state, ...} (never the teacher)
-  data:  the grain iterator state (JSON), so a resumed run reads the same next batch
+  data:  every process's grain iterator state (JSON), so a resumed run reads the same next batch
   meta:  JSON: class names and the model config, checked when the checkpoint is a teacher.
 
 Checkpoints you can trust: a step that cannot be read back (a truncated or deleted array file, a
@@ -17,7 +17,6 @@ tree differs from the model (another model's or config's workdir) is not damage:
 
 import contextlib
 import gc
-import json
 import os
 import re
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from jdistill import paths
 
 ITEMS = ("state", "data", "meta")
 # Bad step folders go here, inside the checkpoints folder: orbax lists only folders named by
@@ -63,7 +64,7 @@ class CheckpointMismatchError(CheckpointError):
 def manager(directory, *, keep=3, create=True):
     """A CheckpointManager for `directory` with the three items."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(paths.absolute(directory), options=options, item_names=ITEMS)
 
 
 def save(mgr, step, state, data_state, meta, force=False):
@@ -77,6 +78,42 @@ def save(mgr, step, state, data_state, meta, force=False):
         ),
         force=force,
     )
+
+
+def data_states(per_process):
+    """The `data` item of a checkpoint: every process's iterator state, in process order."""
+    return {"process_count": len(per_process), "per_process": list(per_process)}
+
+
+def data_state_of_process(data, index, count, directory):
+    """This process's iterator state from a checkpoint's `data` item (None: no item).
+
+    A checkpoint written by another number of processes resumes when its processes were all at
+    the same position: the input is a function of the global step alone (the sampler, the
+    canvas and every example's augmentation are keyed by the step and the position in the
+    global batch, never by the process), so that position is every new process's too. Single-
+    process checkpoints of earlier versions hold the bare state.
+
+    Raises:
+      CheckpointError: the writing processes were at different positions.
+    """
+    if data is None or "per_process" not in data:
+        return data
+    states = data["per_process"]
+    if len(states) == count:
+        return states[index]
+    if any(s != states[0] for s in states):
+        raise CheckpointError(
+            f"checkpoints in {directory} were written by {len(states)} processes whose input "
+            f"iterators were at different positions; resume with {len(states)} processes"
+        )
+    if index == 0:
+        logging.info(
+            "resuming with %d processes from a checkpoint written by %d (same input position)",
+            count,
+            len(states),
+        )
+    return states[0]
 
 
 def restore(mgr, step, abstract_state):
@@ -164,8 +201,8 @@ def _set_aside(mgr, directory, bad, unfinished, step):
     for folder, what in moves:
         dest = _aside_path(directory, os.path.basename(folder), stamp)
         if primary:  # one host moves and reports; the others wait at the barrier below
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(folder, dest)
+            paths.path(dest).parent.mkdir(parents=True, exist_ok=True)
+            paths.path(folder).rename(dest)
             logging.warning(
                 "checkpoint %s %s; moved it aside to %s; resuming from step %d",
                 folder,
@@ -183,7 +220,7 @@ def _set_aside(mgr, directory, bad, unfinished, step):
 def _aside_path(directory, name, stamp):
     dest = os.path.join(directory, DAMAGED_DIR, f"{name}.{stamp}")
     n = 1
-    while os.path.exists(dest):  # the same step set aside twice within one second
+    while paths.path(dest).exists():  # the same step set aside twice within one second
         n += 1
         dest = os.path.join(directory, DAMAGED_DIR, f"{name}.{stamp}-{n}")
     return dest
@@ -191,9 +228,9 @@ def _aside_path(directory, name, stamp):
 
 def _unfinished_saves(directory):
     return sorted(
-        os.path.join(directory, name)
-        for name in os.listdir(directory)
-        if TMP_MARKER in name and os.path.isdir(os.path.join(directory, name))
+        os.path.join(directory, p.name)
+        for p in paths.path(directory).iterdir()
+        if TMP_MARKER in p.name and p.is_dir()
     )
 
 
@@ -204,7 +241,7 @@ def _tree_differences(folder, abstract_state):
     apart from "damaged arrays". A step without its items, or with unreadable metadata, raises
     (and is then treated as damaged).
     """
-    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+    missing = [item for item in ITEMS if not (paths.path(folder) / item).is_dir()]
     if len(missing) == len(ITEMS):
         raise CheckpointError("empty step folder (no state, data or meta item)")
     if missing:
@@ -394,13 +431,13 @@ def load_model_variables(path):
       FileNotFoundError: nothing at `path`, or no finished step in it.
       CheckpointError: the named step, or every step, cannot be restored (one line per step).
     """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = paths.absolute(path)
+    if paths.path(path, "checkpoints").is_dir():
         path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(path):
+    if not paths.path(path).is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
     name = os.path.basename(path)
-    if _STEP_NAME.match(name) or TMP_MARKER in name or os.path.isdir(os.path.join(path, "state")):
+    if _STEP_NAME.match(name) or TMP_MARKER in name or paths.path(path, "state").is_dir():
         if not _STEP_NAME.match(name):
             raise CheckpointError(
                 f"checkpoint {path} is not a finished step folder (an unfinished save, or not "
@@ -445,6 +482,25 @@ def load_model_variables(path):
     return out
 
 
+def _on_one_device(folder):
+    """The saved state tree as ShapeDtypeStructs on this process's first device.
+
+    Without a target, orbax restores onto the devices the checkpoint was saved from, and a
+    teacher trained on 8 GPUs could not be read on a machine with fewer. Variables are read
+    whole into host memory anyway.
+    """
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        metadata = handler.metadata(epath.Path(folder) / "state")
+    finally:
+        handler.close()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        getattr(metadata, "tree", metadata),
+    )
+
+
 def _read_student(mgr, step, folder):
     """((variables, meta), None) of one step, or (None, the one-line cause) when it cannot be
     read back. The data item is not read: a damaged iterator state does not spoil the weights.
@@ -452,13 +508,16 @@ def _read_student(mgr, step, folder):
     try:
         out = mgr.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_on_one_device(folder)),
+                meta=ocp.args.JsonRestore(),
+            ),
         )
     except Exception as e:
         if _is_transient(e):
             raise
         logging.debug("restoring %s failed", folder, exc_info=True)
-        missing = [i for i in ("state", "meta") if not os.path.isdir(os.path.join(folder, i))]
+        missing = [i for i in ("state", "meta") if not paths.path(folder, i).is_dir()]
         return None, (f"missing item folder(s): {', '.join(missing)}" if missing else _cause(e))
     state = jax.tree_util.tree_map(np.asarray, out.state)
     student = state.get("params", {}).get("student") if isinstance(state, dict) else None
@@ -468,11 +527,3 @@ def _read_student(mgr, step, folder):
             "jdistill, or a training run's checkpoint, has)"
         )
     return ({"params": student, "batch_stats": state.get("batch_stats", {})}, out.meta), None
-
-
-def write_json(path, obj, indent=2):
-    """Writes JSON atomically (a crash never leaves a truncated file); indent None: compact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=indent is not None)
-    os.replace(tmp, path)

@@ -9,10 +9,11 @@ mAPs and writes `<workdir>/demo_results.json` as {"teacher": {...}, "baseline": 
 import json
 import os
 
+import jax
 import ml_collections
 from absl import logging
 
-from jdistill import checkpoint, train
+from jdistill import paths, train
 from jdistill.evaluate import coco as coco_eval
 
 
@@ -57,8 +58,9 @@ def run(config, workdir):
     for name, cfg, wd in stage_configs(config, workdir):
         logging.info("demo: training %s in %s", name, wd)
         results[name] = train.run(cfg, wd)
-    checkpoint.write_json(os.path.join(workdir, "demo_results.json"), results)
-    print(table(results))
+    if jax.process_index() == 0:
+        paths.write_json(os.path.join(workdir, "demo_results.json"), results)
+        print(table(results))
     return results
 
 

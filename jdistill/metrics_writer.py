@@ -13,6 +13,8 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 from tensorboard.summary.writer import event_file_writer
 
+from jdistill import paths
+
 
 class MetricWriter:
     """Appends one JSON line per write and mirrors every scalar to TensorBoard.
@@ -46,11 +48,8 @@ class MetricWriter:
           the kept rows (dicts), in order. Every process reads them; only process 0 writes.
         """
         kept = [r for r in read_rows(self.path) if r["step"] <= step]
-        if self.active and os.path.exists(self.path):
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-            os.replace(tmp, self.path)
+        if self.active and paths.path(self.path).exists():
+            paths.write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         if self._tb is not None:
             # TensorBoard takes the first START of a run directory for the start of its first
             # session and purges on the later ones. Every session writes one here, so a second
@@ -71,7 +70,7 @@ class MetricWriter:
         if not self.active:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
+        with paths.path(self.path).open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         if self._tb is not None:
             now = time.time()
@@ -88,10 +87,10 @@ class MetricWriter:
 
 def read_rows(path):
     """The rows of a metrics.jsonl (none when it is absent), skipping a line cut short."""
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
         return []
     rows = []
-    with open(path) as f:
+    with paths.path(path).open() as f:
         for line in f:
             try:
                 row = json.loads(line)

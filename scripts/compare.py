@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ml_collections  # noqa: E402
 
-from jdistill import checkpoint, config_lib, train  # noqa: E402
+from jdistill import config_lib, paths, train  # noqa: E402
 from jdistill import demo as demo_lib  # noqa: E402
 from jdistill.distill import registry  # noqa: E402
 
@@ -226,7 +226,7 @@ def main(argv, opts):
     wall = time.time() - t0
     rows = summarise(results)
     table = markdown(rows, o["steps"], seeds, wall)
-    checkpoint.write_json(
+    paths.write_json(
         os.path.join(workdir, "comparison.json"),
         {"teacher": teacher, "runs": results, "wall_s": wall, "steps": o["steps"]},
     )

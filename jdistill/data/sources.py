@@ -12,6 +12,7 @@ The pipeline that samples, transforms and batches these sources is `data/pipelin
 """
 
 import dataclasses
+import io
 import os
 
 import jax
@@ -20,6 +21,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jdistill import paths
 from jdistill.data import decode
 from jdistill.data.builders import (
     coco_folder,
@@ -181,8 +183,11 @@ class Meta:
 
 def _cached_meta(cache, meta_source):
     """The `Meta` of a source, cached in `cache` (None: no cache)."""
-    if cache and os.path.exists(cache):
-        with np.load(cache, allow_pickle=False) as z:
+    if cache and paths.path(cache).exists():
+        with (
+            paths.path(cache).open("rb") as f,
+            np.load(io.BytesIO(f.read()), allow_pickle=False) as z,
+        ):
             counts = z["counts"]
             offsets = np.concatenate([[0], np.cumsum(counts)])
             objects = [
@@ -222,9 +227,9 @@ def _cached_meta(cache, meta_source):
     cat = {
         k: np.concatenate([o[k] for o in objects]) if objects else np.zeros(0) for k in OBJECT_KEYS
     }
-    tmp = cache + f".tmp{os.getpid()}.npz"
+    buf = io.BytesIO()
     np.savez(
-        tmp,
+        buf,
         heights=meta.heights,
         widths=meta.widths,
         image_ids=meta.image_ids,
@@ -238,7 +243,7 @@ def _cached_meta(cache, meta_source):
         is_crowd=cat["is_crowd"].astype(bool),
         is_difficult=cat["is_difficult"].astype(bool),
     )
-    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+    paths.write_bytes(cache, buf.getvalue())  # atomic: a crash never leaves half a cache
     return meta
 
 
@@ -273,12 +278,15 @@ def load_split(data_cfg, split):
     # One process prepares; on a pod the others wait for it, then find the data ready.
     if jax.process_index() == 0:
         builder.download_and_prepare(file_format="array_record")
+        if split in builder.info.splits:
+            meta = _read_meta(builder, split)  # writes the cache the others then read
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"prepared {builder.name}")
+        multihost_utils.sync_global_devices(f"prepared {builder.name} {split}")
         builder.download_and_prepare(file_format="array_record")
     if split not in builder.info.splits:
         raise ValueError(f"{builder.name} has no split {split!r}: {list(builder.info.splits)}")
-    meta = _read_meta(builder, split)
+    if jax.process_index() > 0:
+        meta = _read_meta(builder, split)
     _check_notes(meta, data_cfg, split)
     raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     ann_file = (builder.info.metadata.get("ann_files") or {}).get(split)
@@ -301,7 +309,7 @@ def _split(name, raw, meta, data_cfg, info=None, ann_file=None, class_names=None
         file_names=meta.file_names,
         notes=meta.notes,
         skipped=meta.skipped,
-        ann_file=ann_file if ann_file and os.path.isfile(ann_file) else None,
+        ann_file=ann_file if ann_file and paths.path(ann_file).is_file() else None,
     )
 
 

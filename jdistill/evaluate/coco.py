@@ -18,6 +18,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from jdistill import paths
+
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
 # mmdetection's `CocoDataset.evaluate` keys, in COCOeval.stats order.
@@ -62,7 +64,7 @@ def ground_truth(split):
 def _raw_ground_truth(ann_file, image_ids):
     """COCO(ann_file) as pycocotools loads it, restricted to `image_ids` when they are fewer
     (`eval_max_images`, or images preparation could not decode)."""
-    with open(ann_file) as f:
+    with paths.path(ann_file).open() as f:
         data = json.load(f)
     keep = {int(i) for i in image_ids}
     if len(keep) < len(data["images"]):

@@ -1,7 +1,11 @@
 """A PNG of detections on a few validation images, for a quick look at what a model sees."""
 
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw
+
+from jdistill import paths
 
 PALETTE = [
     (230, 25, 75),
@@ -43,4 +47,6 @@ def draw_grid(images, dets, class_names, path, score_thr=0.3, cell=256):
         tile.paste(im, (0, 0))
         tiles.append(np.asarray(tile))
     grid = np.concatenate(tiles, axis=1) if tiles else np.zeros((cell, cell, 3), np.uint8)
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    paths.path(path).write_bytes(buf.getvalue())  # the workdir may be remote
