@@ -18,6 +18,34 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything.")
 flags.mark_flags_as_required(["config", "workdir"])
+# More than one process (see README, "More than one machine"); each flag also reads the
+# environment variable `multihost.ENV` names, so launchers can set them per process.
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    None,
+    "Join a multi-process run (jax.distributed) before anything else; alone, JAX discovers a "
+    "Cloud TPU or Slurm cluster. Env: JDISTILL_MULTIHOST=1.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for clusters JAX does not discover (plain GPU nodes). "
+    "Env: JDISTILL_COORDINATOR_ADDRESS.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run. Env: JDISTILL_NUM_PROCESSES."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 .. num_processes-1. Env: JDISTILL_PROCESS_ID."
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process to join."
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    100,
+    "Seconds without a heartbeat after which a process counts as lost and the others stop.",
+)
 
 # Exit statuses (see the module docstring).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -41,9 +69,12 @@ def _run():
     import tensorflow as tf  # noqa: PLC0415
 
     tf.config.set_visible_devices([], "GPU")
-    from jdistill import parallel, train  # noqa: PLC0415 (after TF is fenced off)
+    from jdistill import multihost, train  # noqa: PLC0415 (after TF is fenced off)
 
-    parallel.initialize_distributed()
+    multihost.initialize_distributed(
+        **_multihost_options(), timeout_s=_INIT_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value
+    )
+    multihost.process_log_prefix()
     config = _CONFIG.value
     logging.info("config:\n%s", config)
     use_compilation_cache(_WORKDIR.value)
@@ -53,6 +84,33 @@ def _run():
         demo.run(config, _WORKDIR.value)
     else:
         train.run(config, _WORKDIR.value)
+
+
+def _multihost_options():
+    """The multi-host flags, each falling back to its environment variable."""
+    from jdistill import multihost  # noqa: PLC0415
+
+    values = {
+        "multihost": _MULTIHOST.value,
+        "coordinator_address": _COORDINATOR.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+    }
+    for key, value in values.items():
+        env = os.environ.get(multihost.ENV[key], "")
+        if value is None and env:
+            values[key] = env
+    if isinstance(values["multihost"], str):
+        values["multihost"] = values["multihost"].strip().lower() in ("1", "true", "yes")
+    for key in ("num_processes", "process_id"):
+        if isinstance(values[key], str):
+            try:
+                values[key] = int(values[key])
+            except ValueError:
+                raise ValueError(
+                    f"{multihost.ENV[key]}={values[key]!r}: must be an integer"
+                ) from None
+    return values
 
 
 def use_compilation_cache(workdir):
@@ -92,6 +150,9 @@ def report(e):
         cause = "interrupted by SIGINT; the same command resumes from the last checkpoint"
         code = EXIT_INTERRUPTED
         logging.debug("interrupted here", exc_info=exc_info)
+    elif lost := _lost_process_cause(e):
+        cause, code = lost, EXIT_ERROR
+        logging.debug("raised here", exc_info=exc_info)
     elif _for_the_user(e):
         lines = _message_lines(e)
         cause, code = lines[0], EXIT_ERROR
@@ -105,6 +166,25 @@ def report(e):
         cause, code = f"{type(e).__name__}: {lines[0]}", EXIT_ERROR
     print(f"error: {cause}", file=sys.stderr)
     return code
+
+
+def _lost_process_cause(e):
+    """The one-line cause of a multi-process run's failure that another process's loss caused,
+    naming the lost processes once the runtime knows them (within the heartbeat timeout); None
+    for any other error."""
+    if "jax" not in sys.modules:  # failed before JAX was imported: nothing distributed
+        return None
+    from jdistill import multihost  # noqa: PLC0415
+
+    if not multihost.is_runtime_failure(e):
+        return None
+    lost = multihost.lost_processes(_HEARTBEAT.value + 10)
+    who = (
+        f"process {', '.join(map(str, lost))} of the run stopped answering"
+        if lost
+        else "another process of the run failed or the network dropped"
+    )
+    return f"{who}; this process stops too ({_message_lines(e)[0][:200]})"
 
 
 def _for_the_user(e):

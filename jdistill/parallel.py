@@ -9,23 +9,10 @@ import re
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-
-
-def initialize_distributed():
-    """Calls `jax.distributed.initialize()` on multi-host platforms (TPU pods, multi-node GPU).
-
-    Auto-detection needs a cluster environment; on a single machine there is nothing to join.
-    """
-    try:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    except (ValueError, RuntimeError) as e:
-        logging.info("single-process run (%s)", str(e).splitlines()[0] if str(e) else e)
 
 
 def make_mesh(devices=None):

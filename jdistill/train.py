@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jdistill import checkpoint, experiment, metrics_writer, parallel
+from jdistill import checkpoint, experiment, metrics_writer, multihost, parallel, paths
 from jdistill.data import pipeline, sources
 from jdistill.distill import api, balance, plan
 from jdistill.evaluate import coco as coco_eval
@@ -177,15 +177,15 @@ def check_workdir(workdir):
     """
     if not workdir:
         raise ConfigError("--workdir is empty: pass the directory the run writes to")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    where = paths.path(workdir)
+    if where.exists() and not where.is_dir():
         raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
-    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
+    probe = where / f".write_probe.{jax.process_index()}.{os.getpid()}"
     try:
-        os.makedirs(workdir, exist_ok=True)
+        where.mkdir(parents=True, exist_ok=True)
         # Permission bits alone do not say it (root, ACLs, read-only mounts): try a write.
-        with open(probe, "w") as f:
-            f.write("jdistill")
-        os.remove(probe)
+        probe.write_text("jdistill")
+        probe.unlink()
     except OSError as e:
         raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
 
@@ -226,32 +226,37 @@ def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, cat
             )
     finally:
         _close_iterator(batches)  # an error mid-way leaves its reader threads running
-    if config.data.get("eval_metric", "coco") == "voc":
-        metrics, summary = voc_eval.evaluate_split(
-            split, results, config.data.get("voc_ap_mode", "11points")
-        )
-    else:
-        metrics, summary = coco_eval.evaluate(
-            coco_eval.ground_truth(split),
-            results,
-            backend=config.get("eval_backend", "pycocotools"),
-        )
+    # Every process ran the same padded batches and holds every detection; process 0 alone
+    # scores them and writes the files, and the metrics it found are the ones every process
+    # returns (they may decide what runs next).
+    metrics = {}
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        stem = os.path.join(workdir, "eval", f"{tag}step_{step}")
-        checkpoint.write_json(f"{stem}.json", {"step": step, **metrics})
+        if config.data.get("eval_metric", "coco") == "voc":
+            metrics, summary = voc_eval.evaluate_split(
+                split, results, config.data.get("voc_ap_mode", "11points")
+            )
+        else:
+            metrics, summary = coco_eval.evaluate(
+                coco_eval.ground_truth(split),
+                results,
+                backend=config.get("eval_backend", "pycocotools"),
+            )
+        stem = f"{workdir}/eval/{tag}step_{step}"
+        paths.path(workdir, "eval").mkdir(parents=True, exist_ok=True)
+        paths.write_json(f"{stem}.json", {"step": step, **metrics})
         # COCO results format (original-image xywh, category ids): pycocotools' loadRes reads it
-        checkpoint.write_json(f"{stem}.detections.json", results, indent=None)
+        paths.write_json(f"{stem}.detections.json", results, indent=None)
         _draw(split, results, config.num_vis_images, f"{stem}.png")
-    logging.info(
-        "%seval at step %d (%d images, %.1fs): %s\n%s",
-        tag,
-        step,
-        len(split),
-        time.time() - t0,
-        " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
-        summary,
-    )
+        logging.info(
+            "%seval at step %d (%d images, %.1fs): %s\n%s",
+            tag,
+            step,
+            len(split),
+            time.time() - t0,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+            summary,
+        )
+    metrics = multihost.broadcast_json(metrics)
     return metrics
 
 
@@ -357,12 +362,15 @@ def run(config, workdir, *, stop_at_step=None):
         # The newest step that restores: damaged newer steps are set aside with a warning;
         # another model's checkpoints or no restorable step at all raise CheckpointError.
         latest, state, data_state, _ = checkpoint.restore_newest(mgr, abstract)
+        data_state = checkpoint.data_state_of_process(
+            data_state, jax.process_index(), jax.process_count(), mgr.directory
+        )
         logging.info("Resuming from step %d (%s)", latest, mgr.directory)
     start = int(state["step"])
     # Written once the workdir is known to be this config's: a refused resume (another model's
     # checkpoints) keeps the config.json of the run that wrote them.
     if jax.process_index() == 0:
-        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        paths.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
     # ------------------------------------------------------------------ step functions
     # Everything from here on starts threads (input readers, orbax, the event writer) or device
@@ -494,9 +502,9 @@ def run(config, workdir, *, stop_at_step=None):
             else:
                 window = history[-1] if history else None
             record = loss_record(window, history)
-            checkpoint.save(
-                mgr, done, state, iterator.get_state(), {**meta, "loss": record}, force=True
-            )
+            # Every process's own iterator state, in process order (a collective at this step).
+            data = checkpoint.data_states(multihost.allgather_json(iterator.get_state()))
+            checkpoint.save(mgr, done, state, data, {**meta, "loss": record}, force=True)
             last_saved = done
 
         def preempted(step):

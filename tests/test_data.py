@@ -208,6 +208,24 @@ def test_each_host_reads_its_own_slice(monkeypatch):
         pipeline.host_slice(np.arange(7))
 
 
+def test_two_hosts_read_the_halves_of_the_one_host_batch(shapes_train, monkeypatch):
+    """Every example of a global batch is the same bytes whichever process reads it (flips are
+    keyed by the position in the global batch), so N processes train on the batch one would."""
+    cfg = data_cfg(num_workers=0)
+    s = pipeline.TrainSampler(shapes_train, cfg, 4, seed=0)
+
+    def batches(count, index):
+        monkeypatch.setattr(pipeline.jax, "process_count", lambda: count)
+        monkeypatch.setattr(pipeline.jax, "process_index", lambda: index)
+        return list(pipeline.train_dataset(shapes_train, s, cfg, seed=0, num_steps=6))
+
+    whole, first, second = batches(1, 0), batches(2, 0), batches(2, 1)
+    for w, a, b in zip(whole, first, second, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), w[k], err_msg=k)
+    assert whole[0]["image"].shape[0] == 4 and first[0]["image"].shape[0] == 2
+
+
 def test_multiscale_range_and_value_sampling():
     rng = np.random.default_rng(0)
     cfg = data_cfg(scales=((1333, 480), (1333, 800)), multiscale_mode="range")

@@ -217,8 +217,11 @@ def train_dataset(split, sampler, data_cfg, *, seed, num_steps):
         ]
         canvas = batch_canvas(sizes, data_cfg)
         exs = []
-        for j, (i, sc) in enumerate(zip(host_slice(idx), host_slice(scales), strict=True)):
-            ex_rng = np.random.default_rng([seed, int(step), jax.process_index(), j])
+        first = host_slice(np.arange(len(idx)))  # positions of this host's examples
+        for j, i, sc in zip(first, host_slice(idx), host_slice(scales), strict=True):
+            # Keyed by the example's position in the global batch, so its flip is the same
+            # whichever process reads it (the 0 keeps the stream single-host runs always had).
+            ex_rng = np.random.default_rng([seed, int(step), 0, int(j)])
             with _naming(split, i):
                 exs.append(
                     process_example(
