@@ -16,7 +16,8 @@ has no RetinaNet form: it is not in this comparison.
 Writes <workdir>/comparison.json (every run's mAP, wall time, loss balance), comparison.md
 (mean +- std of bbox_mAP per method and variant) and comparison.png (a bar chart with error
 bars of one std). Each run has its own workdir below <workdir>, so an interrupted comparison
-resumes where it stopped (finished runs only re-evaluate).
+resumes where it stopped (a finished run's final eval JSON is read back); `--finished_only`
+tabulates what has finished without training anything.
 """
 
 import importlib.util
@@ -60,6 +61,11 @@ def define_flags():
         methods=flags.DEFINE_list("methods", list(METHODS), "Methods besides the baseline."),
         balance=flags.DEFINE_enum(
             "balance", "both", ["both", "off", "on"], "Published weights, auto-balanced, or both."
+        ),
+        finished_only=flags.DEFINE_bool(
+            "finished_only",
+            False,
+            "Train nothing: tabulate the runs that finished (an interrupted comparison's table).",
         ),
     )
 
@@ -193,6 +199,22 @@ def balance_ratios(workdir, start, steps):
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def finished_metrics(workdir, steps):
+    """The final eval metrics of a run that finished (eval/step_<steps>.json), else None."""
+    path = os.path.join(workdir, "eval", f"step_{steps}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_seconds(workdir, steps):
+    """Seconds a finished run took: its config.json (written at the start of its last session)
+    to its final eval JSON."""
+    end = os.path.getmtime(os.path.join(workdir, "eval", f"step_{steps}.json"))
+    return end - os.path.getmtime(os.path.join(workdir, "config.json"))
+
+
 def main(argv, opts):
     del argv
     o = {k: flag.value for k, flag in opts.items()}
@@ -205,7 +227,9 @@ def main(argv, opts):
     seeds = [int(s) for s in o["seeds"]]
     t0 = time.time()
     _, t_cfg, teacher_dir = demo_lib.stage_configs(demo, workdir)[0]  # the demo's teacher run
-    teacher = train.run(t_cfg, teacher_dir)
+    teacher = finished_metrics(teacher_dir, t_cfg.schedule.num_steps) or train.run(
+        t_cfg, teacher_dir
+    )
     results = {}
     for label, method, auto in runs(o["methods"], o["balance"]):
         for seed in seeds:
@@ -213,17 +237,26 @@ def main(argv, opts):
             wd = os.path.join(workdir, label, f"seed{seed}")
             logging.info("compare: %s seed %d in %s", label, seed, wd)
             start = time.time()
-            metrics = train.run(cfg, wd)
+            metrics = finished_metrics(wd, o["steps"])
+            if metrics is None and o["finished_only"]:
+                continue
+            if metrics is None:
+                metrics = train.run(cfg, wd)
+                took = time.time() - start
+            else:  # finished earlier: from its files, config written to final eval written
+                took = run_seconds(wd, o["steps"])
             window = (o["warmup"], cfg.distill.balance_steps) if method else (0, 0)
             results.setdefault(label, []).append(
                 {
                     "seed": seed,
                     "bbox_mAP": metrics["bbox_mAP"],
-                    "wall_s": time.time() - start,
+                    "wall_s": took,
                     "balance": balance_ratios(wd, *window) if method else {},
                 }
             )
-    wall = time.time() - t0
+    # Every student run's own time (a resumed comparison does not count its earlier sessions
+    # in its own clock).
+    wall = max(time.time() - t0, sum(r["wall_s"] for v in results.values() for r in v))
     rows = summarise(results)
     table = markdown(rows, o["steps"], seeds, wall)
     paths.write_json(

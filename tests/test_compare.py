@@ -70,3 +70,18 @@ def test_balance_ratios_read_the_window_from_metrics(compare, tmp_path):
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert compare.balance_ratios(str(tmp_path), 2, 2) == {"pkd": 3.0}
+
+
+def test_a_finished_run_is_read_back_not_trained_again(compare, tmp_path):
+    import json
+    import os
+
+    assert compare.finished_metrics(str(tmp_path), 5) is None
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "step_5.json").write_text(json.dumps({"step": 5, "bbox_mAP": 0.25}))
+    os.utime(tmp_path / "config.json", (1000, 1000))
+    os.utime(tmp_path / "eval" / "step_5.json", (1090, 1090))
+    assert compare.finished_metrics(str(tmp_path), 5)["bbox_mAP"] == 0.25
+    assert compare.finished_metrics(str(tmp_path), 6) is None  # a run stopped before the end
+    assert compare.run_seconds(str(tmp_path), 5) == 90
