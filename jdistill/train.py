@@ -133,6 +133,14 @@ def check_config(config):
                         f"the student's model.{what} {s.get(what)!r} differs from the teacher's "
                         f"{t.get(what)!r}"
                     )
+            if _backbone_channels(s) != _backbone_channels(t):
+                errors.append(
+                    "distill.init_from_teacher copies the teacher's neck, whose lateral convs "
+                    "take the backbone's channels: the student's backbone (depth "
+                    f"{s.get('depth')}, width {s.get('width')}) gives {_backbone_channels(s)}, "
+                    f"the teacher's (depth {t.get('depth')}, width {t.get('width')}) "
+                    f"{_backbone_channels(t)}"
+                )
         if errors:
             raise ConfigError("; ".join(errors))
         if not teacher.get("init"):
@@ -167,6 +175,14 @@ def check_config(config):
             f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
             f"{per_device}"
         )
+
+
+def _backbone_channels(model):
+    """Output channels of a ResNet backbone's stages C2-C5: 64-512 for depths below 50 (basic
+    blocks), 4x that from 50 on (bottlenecks), times `width`."""
+    base = [64, 128, 256, 512]
+    grow = 4 if model.get("depth", 50) >= 50 else 1
+    return [int(c * grow * model.get("width", 1.0)) for c in base]
 
 
 def check_workdir(workdir):

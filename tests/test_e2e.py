@@ -176,6 +176,9 @@ def test_distillation_settings_are_checked_before_compiling():
     msg = str(e.value)
     assert "distill.losses.pkd.group_size=3 does not divide batch_size 8" in msg
     assert "model.family 'retinanet' differs from the teacher's 'fcos'" in msg
+    config.model.width = 0.25  # the teacher's is 0.125: the neck's lateral convs differ
+    with pytest.raises(train.ConfigError, match=r"gives \[64, 128, 256, 512\], the teacher"):
+        train.check_config(config)
     config = load_config("pkd_gfl", "runlocal")
     config.unlock()
     config.distill.losses = {"pkd": {"fn": "pkd", "group_size": 2.5}}  # a block made by hand
