@@ -246,12 +246,7 @@ def _tree_differences(folder, abstract_state):
         raise CheckpointError("empty step folder (no state, data or meta item)")
     if missing:
         raise CheckpointError(f"missing item folder(s): {', '.join(missing)}")
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        metadata = handler.metadata(epath.Path(folder) / "state")
-    finally:
-        handler.close()
-    have = _leaf_shapes(getattr(metadata, "tree", metadata))
+    have = _leaf_shapes(_saved_tree(folder))
     want = _leaf_shapes(abstract_state)
     diffs = [f"  missing key: {k}" for k in sorted(want) if k not in have]
     diffs += [f"  unexpected key: {k}" for k in sorted(have) if k not in want]
@@ -489,16 +484,20 @@ def _on_one_device(folder):
     teacher trained on 8 GPUs could not be read on a machine with fewer. Variables are read
     whole into host memory anyway.
     """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), _saved_tree(folder)
+    )
+
+
+def _saved_tree(folder):
+    """The metadata tree (shape and dtype per leaf) of a step's state, read without its arrays."""
     handler = ocp.StandardCheckpointHandler()
     try:
         metadata = handler.metadata(epath.Path(folder) / "state")
     finally:
         handler.close()
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        getattr(metadata, "tree", metadata),
-    )
+    return getattr(metadata, "tree", metadata)
 
 
 def _read_student(mgr, step, folder):
