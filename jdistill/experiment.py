@@ -226,10 +226,14 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
             metrics = {f"student/{k}": v for k, v in det.items()}
             if terms:
                 teacher_view = dict(t_taps)
-                for name in views:
+                for name, count_padding in views.items():
                     # Not stopped here: a view stops what it must itself; some carry the
                     # student's gradient through the teacher's layers.
-                    teacher_view.update(teacher.view(name, teacher_vars, t_outputs, t_taps, taps))
+                    teacher_view.update(
+                        teacher.view(
+                            name, teacher_vars, t_outputs, t_taps, taps, count_padding=count_padding
+                        )
+                    )
                 factor = registry.warmup_factor(step, warmup) * registry.decay_factor(
                     step, total_steps, decay
                 )

@@ -26,12 +26,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import crafted_batch, distiller_config, load_config
 
 from jdistill import train
-from jdistill.distill import api, crosskd, registry
+from jdistill.distill import api, crosskd, plan, registry
 from jdistill.models import dense, layers
 from jdistill.models import detector as detector_lib
 from jdistill.models import gfl as gfl_lib
@@ -490,6 +491,7 @@ def old_head(family, params, p, level, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("family", ["gfl", "retinanet"])
+@pytest.mark.slow
 def test_param_tree_and_forward_are_unchanged(family):
     det = tiny(family)
     v = variables_of(det, 0)
@@ -573,6 +575,7 @@ def hand_cross(family, tv, s_taps, t_taps, stacked_convs=2, valid=None, group=2)
 
 
 @pytest.mark.parametrize("family,stacked_convs", [("gfl", 2), ("retinanet", 2), ("gfl", 1)])
+@pytest.mark.slow
 def test_view_is_the_teacher_head_on_aligned_student_features(family, stacked_convs):
     det, sv, tv, x, s_taps, t_out, t_taps = cross_case(family, stacked_convs)
     view = det.view("teacher_head_on_student_towers", tv, t_out, t_taps, s_taps)
@@ -591,6 +594,7 @@ def test_view_is_the_teacher_head_on_aligned_student_features(family, stacked_co
 
 
 @pytest.mark.parametrize("family", ["gfl", "retinanet"])
+@pytest.mark.slow
 def test_view_statistics_skip_padding_cells(family):
     # images 0 and 3 padded to 32 x 64 and 64 x 40 pixels of the 64 x 64 canvas
     pad = [[32, 64], [64, 64], [64, 64], [64, 40]]
@@ -612,6 +616,12 @@ def test_view_statistics_skip_padding_cells(family):
         full[k], want_full[k], rtol=1e-4, atol=1e-4 * np.abs(want_full[k]).max()
     )
     assert float(jnp.abs(full[k] - view[k]).max()) > 1e-2 * float(jnp.abs(view[k]).max())
+    # count_padding=True, as the trainer passes it: the original's rule despite the tap
+    restored = det.view(
+        "teacher_head_on_student_towers", tv, t_out, t_taps, s_taps, count_padding=True
+    )
+    for key in full:
+        np.testing.assert_array_equal(restored[key], full[key])
 
 
 def full_loss(det, batch, cfg):
@@ -643,12 +653,15 @@ def train_batch():
 
 
 @pytest.mark.parametrize("family", ["gfl", "retinanet"])
+@pytest.mark.slow
 def test_gradients_reach_the_student_towers_not_the_teacher_and_jit_agrees(family):
     det = tiny(family)
     sv, tv = variables_of(det, 1), variables_of(det, 2)
     loss = full_loss(det, train_batch(), config())
-    value = loss(sv["params"], sv["batch_stats"], tv)
-    g_s, g_t = jax.grad(loss, argnums=(0, 2))(sv["params"], sv["batch_stats"], tv)
+    # compiled, not op by op: a whole detector's gradient is slow to run eagerly
+    value, (g_s, g_t) = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))(
+        sv["params"], sv["batch_stats"], tv
+    )
     norm = lambda t: float(sum(jnp.abs(a).sum() for a in jax.tree_util.tree_leaves(t)))  # noqa: E731
     head = g_s["bbox_head"]
     # the student's layers up to the cut learn from CrossKD ...
@@ -659,6 +672,7 @@ def test_gradients_reach_the_student_towers_not_the_teacher_and_jit_agrees(famil
     assert after and all(norm(head[k]) == 0.0 for k in after), after
     # ... and the teacher is data
     assert norm(g_t) == 0.0
+    # the forward program alone gives the gradient program's value
     np.testing.assert_allclose(jax.jit(loss)(sv["params"], sv["batch_stats"], tv), value, rtol=1e-5)
     assert float(value) > 0
 
@@ -709,6 +723,26 @@ def test_runlocal_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     values = [r["distill/crosskd"] for r in rows if "distill/crosskd" in r]
     assert values and np.all(np.isfinite(values)) and values[-1] > 0
+
+
+def test_view_readers_share_one_count_padding():
+    d = registry.get("crosskd")
+    det = tiny("gfl")
+    pair = api.Pair(det.spec, det.spec)
+
+    def term(key, count_padding):
+        cfg = ml_collections.ConfigDict({"fn": "crosskd", "weight": 1.0, **d.defaults})
+        cfg.count_padding = count_padding
+        return plan.Term(key, d, cfg)
+
+    # the trainer computes the view once, with its readers' setting
+    assert plan.views([term("a", True)]) == {"teacher_head_on_student_towers": True}
+    assert plan.views([term("a", False), term("b", False)]) == {
+        "teacher_head_on_student_towers": False
+    }
+    assert plan.problems([term("a", False), term("b", False)], pair) == []
+    (msg,) = plan.problems([term("a", False), term("b", True)], pair)
+    assert "distill.losses.b" in msg and "distill.losses.a's" in msg and "count_padding" in msg
 
 
 def test_towers_of_different_depth_are_refused():

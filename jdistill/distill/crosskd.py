@@ -36,7 +36,7 @@ The loss returned is cls_weight * l_cls + reg_weight * l_reg, before `weight` (1
 Settings (`defaults`, overlaid by the config block): `cls_weight` 1, `reg_weight` -1 (negative:
 the family's, 4 for GFL and 1 for RetinaNet), `beta` 1, `tau` 1 (the KL's T, GFL), `group_size` 2
 (mmdetection's images per GPU, for the normalisers; the view's statistics use the teacher
-model's `loss_group_size`, also 2).
+model's `loss_group_size`, also 2), `count_padding` False (see Padding).
 
 Quirks of the original, kept: the student's std gets the 1e-6, the teacher's none; the std is
 unbiased; the statistics and the mean/std gradients flow through the student (nothing is
@@ -52,9 +52,8 @@ both sides; `dense.tower_depth`): `check` refuses a pair that differs.
 Padding: the loss terms count only priors with a label weight, which excludes everything
 outside each real image's padded size, in the original as here. The statistics of the view are
 taken over the same valid cells (the student's `assign/valid`), where the original also counts
-its batch padding; the view falls back to every cell (the original's rule) only when the
-student's taps lack `assign/valid`, which the trainer always provides (`count_padding` is not a
-setting of this loss: the view is computed before any loss sees its settings).
+its batch padding; `count_padding=True` takes them over every cell, the original's rule (the
+trainer hands the setting to the view, `plan.views`).
 """
 
 import jax
@@ -220,6 +219,7 @@ DISTILLERS = {
             "beta": 1.0,
             "tau": 1.0,
             "group_size": 2,
+            "count_padding": False,
         },
         same_family=(
             "CrossKD runs the teacher's head on the student's head features and compares the "

@@ -45,6 +45,7 @@ def problems(terms_, spec):
     it can), from each distiller's declared needs and its own `check`."""
     errors = []
     s, t = spec.student, spec.teacher
+    readers = {}  # view -> (its first reader's key, that reader's count_padding)
     for term in terms_:
         d, where = term.distiller, f"distill.losses.{term.key} ({term.cfg.fn})"
         if d.same_family and s.family != t.family:
@@ -66,9 +67,16 @@ def problems(terms_, spec):
                     f"{where} reads the teacher's {group!r} taps, which a {t.family} teacher does "
                     f"not provide (it has {sorted(t.provides)})"
                 )
+        padding = bool(term.cfg.get("count_padding", False))
         for view in d.views:
             if view not in t.views:
                 errors.append(f"{where} needs the view {view!r}, which a {t.family} teacher lacks")
+            first, first_padding = readers.setdefault(view, (term.key, padding))
+            if padding != first_padding:
+                errors.append(
+                    f"{where}: count_padding differs from distill.losses.{first}'s, and both read "
+                    f"the view {view!r}, which is computed once for all its readers"
+                )
         if not api.paired_levels(spec):
             errors.append(f"{where}: the student's and the teacher's levels share no stride")
         if d.check is not None:
@@ -79,8 +87,14 @@ def problems(terms_, spec):
 
 
 def views(terms_):
-    """The teacher-on-student views the terms read, in first-use order."""
-    return tuple(dict.fromkeys(v for term in terms_ for v in term.distiller.views))
+    """{view name: count_padding} of the teacher-on-student views the terms read, in first-use
+    order. A view is computed once for all its readers, with their `count_padding` setting
+    (`problems` refuses readers that disagree)."""
+    out = {}
+    for term in terms_:
+        for view in term.distiller.views:
+            out.setdefault(view, bool(term.cfg.get("count_padding", False)))
+    return out
 
 
 def init_params(rng, terms_, spec):

@@ -215,19 +215,20 @@ class DenseDetector:
         flat = jnp.concatenate([x.reshape(b, -1, channels) for x in outputs[name]], axis=1)
         return flat.astype(jnp.float32)
 
-    def view(self, name, variables, outputs, taps, student_taps):
+    def view(self, name, variables, outputs, taps, student_taps, *, count_padding=False):
         """A teacher-on-student computation `name` (one of `VIEWS`): extra teacher taps.
 
         Its result reaches the distillers as it is: a view stops whatever gradient must not
         flow (the trainer does not, since CrossKD's must flow to the student). GFL and
-        RetinaNet compute `CROSS_VIEW` (`cross_head`).
+        RetinaNet compute `CROSS_VIEW` (`cross_head`); `count_padding` is the reading terms'
+        setting (`plan.views`).
         """
         del outputs
         if name == CROSS_VIEW and name in self.VIEWS:
-            return self.cross_head(variables, taps, student_taps)
+            return self.cross_head(variables, taps, student_taps, count_padding=count_padding)
         raise ValueError(f"{type(self).__name__} computes no teacher view {name!r}")
 
-    def cross_head(self, variables, taps, student_taps, *, group_size=None):
+    def cross_head(self, variables, taps, student_taps, *, group_size=None, count_padding=False):
         """CrossKD's view: this (teacher) head run on the student's tower features.
 
         Per level and tower (cls, reg), the student's `tower/*` features are re-standardised
@@ -245,8 +246,9 @@ class DenseDetector:
         layers and through the student's mean and std, as in the original.
 
         Padding: statistics run over the cells of `student_taps['assign/valid']` (the student
-        loss's valid priors: inside each real image's padded size), for both models; without
-        that tap, over every cell, as the original does with its batch padding. Groups:
+        loss's valid priors: inside each real image's padded size), for both models; with
+        `count_padding` or without that tap, over every cell, as the original does with its
+        batch padding. Groups:
         `group_size` images (default this model's `loss_group_size`: mmdetection's per-GPU
         batch, over which the original's statistics run). A channel with no spread gets std 0
         (torch: NaN for a single cell).
@@ -257,6 +259,7 @@ class DenseDetector:
           student_taps: the student's, with `tower/{cls,reg}/p{l}` of the same shapes and
             optionally `assign/valid` [N, A_total] bool.
           group_size: images per statistics group (0: the whole batch).
+          count_padding: take the statistics over every cell (the original's rule).
         Returns:
           {'cross/{output}/p{l}': [N, H, W, ...] float32} for this head's outputs
           (`cls_logits` and `bbox_dist` or `box_deltas`).
@@ -264,7 +267,7 @@ class DenseDetector:
         variables = jax.lax.stop_gradient(variables)
         if group_size is None:
             group_size = self.cfg.loss_group_size
-        masks = cell_masks(student_taps, self.levels)
+        masks = {} if count_padding else cell_masks(student_taps, self.levels)
         towers = []
         for lvl in self.levels:
             pair = []

@@ -300,15 +300,16 @@ class FasterRCNN:
             variables, outputs["neck"], rois, method=FasterRCNNModule.roi_forward
         )
 
-    def view(self, name, variables, outputs, taps, student_taps):
+    def view(self, name, variables, outputs, taps, student_taps, *, count_padding=False):
         """A teacher-on-student computation, with this detector as the teacher.
 
         'teacher_roi_head_on_student_rois': this RoI head on the student's sampled RoIs
         (`roi/rois` [B, R, 4] in the student taps) -> {'roi/cls_logits': [B, R, K + 1]}, so
         DeFeat's proposal KD compares both heads on the same RoIs. A constant: the RoIs and the
-        result are stopped (the trainer leaves stopping to the view).
+        result are stopped (the trainer leaves stopping to the view). `count_padding` changes
+        nothing: the RoIs are the student's sampled boxes, which padding does not hold.
         """
-        del taps
+        del taps, count_padding
         if name != "teacher_roi_head_on_student_rois":
             raise ValueError(f"Faster R-CNN computes no teacher view {name!r}")
         rois = jax.lax.stop_gradient(student_taps["roi/rois"])
