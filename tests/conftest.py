@@ -330,3 +330,14 @@ def distiller_config(name, **overrides):
     cfg = ml_collections.ConfigDict({"weight": 1.0, **dict(registry.get(name).defaults)})
     cfg.update(overrides)
     return cfg
+
+
+def pytest_runtest_setup(item):
+    """The quick tier's tests compile with XLA's optimisation passes off: on their tiny models
+    the passes cost more compile time than they save (a GFL loss and gradient: 19 s to compile
+    and run instead of 55 s). The slow tier keeps them on: its end-to-end runs train for many
+    steps, and unoptimised programs run several times slower. Only this process is affected;
+    the CLI subprocesses of the slow tests start with JAX's defaults."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", item.get_closest_marker("slow") is None)

@@ -242,6 +242,7 @@ def family_run(family):
     "family",
     ["retinanet"] + [pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES if f != "retinanet"],
 )
+@pytest.mark.slow
 def test_bfloat16_losses_match_float32_and_stay_float32(family):
     runs = family_run(family)
     _, terms32, grads32, _ = runs["float32"]

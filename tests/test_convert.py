@@ -175,6 +175,7 @@ def test_orbax_output_loads_as_a_teacher(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
 
 
+@pytest.mark.slow
 def test_exported_student_loads_strictly_into_mmdetection_modules(tmp_path):
     det = build("gfl", 18, "pytorch")
     variables = jax.device_get(det.module.init(jax.random.PRNGKey(3), jnp.zeros((1, 64, 96, 3))))
@@ -227,6 +228,7 @@ def test_convert_script_and_pth_teacher_init(tmp_path):
         experiment.load_teacher(config, det, ("x", "y", "z"), (64, 96))
 
 
+@pytest.mark.slow
 def test_imagenet_backbone_initialises_the_student_backbone_only(tmp_path):
     model, _ = torch_state("retina", 50, "pytorch")
     backbone = {k: v.numpy() for k, v in model.backbone.state_dict().items()}

@@ -59,6 +59,7 @@ def tiny():
     return det, variables, batch
 
 
+@pytest.mark.slow
 def test_roi_sampling_adds_gts_and_keeps_exact_counts(tiny):
     det, variables, batch = tiny
     outputs, _ = det.module.apply(variables, batch["image"])
@@ -89,6 +90,7 @@ def test_roi_sampling_adds_gts_and_keeps_exact_counts(tiny):
     np.testing.assert_allclose(targets[0][pos[0]], 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_losses_are_finite_and_predictions_fixed_size(tiny):
     det, variables, batch = tiny
 

@@ -230,6 +230,7 @@ def _original(s, t, boxes, params, sizes, temp, w):
         (4, (46, 62)),  # an align conv; the canvas from batch['image'], not a stride multiple
     ],
 )
+@pytest.mark.slow
 def test_matches_the_original_on_the_full_map(cs, image_canvas):
     spec, s, t, params, boxes, batch = _case(cs=cs)
     batch["pad_shape"] = jnp.asarray([[20, 30], [48, 9]], jnp.int32)  # ignored: count_padding
@@ -286,6 +287,7 @@ def test_attention_by_hand():
     np.testing.assert_allclose(ch[0], [1.0, 1.0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_padding_cells_are_excluded_by_default():
     spec, s, t, params, boxes, batch = _case(seed=3)
     # image 1 is 40 x 36 px: P3 cells 5 x 5 of 6 x 8, P4 3 x 3 of 3 x 4; its box fits inside
@@ -338,6 +340,7 @@ def test_padding_cells_are_excluded_by_default():
     np.testing.assert_allclose(one, sum(only0.values()), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_jit_and_bfloat16():
     spec, s, t, _, _, batch = _case(seed=4)
     cfg = _cfg()

@@ -94,6 +94,7 @@ def test_fcos_points_follow_offset_half():
 
 
 @pytest.mark.parametrize("family", ["gfl", "fcos"])
+@pytest.mark.slow
 def test_losses_finite_with_empty_and_padded_images(family):
     from jdistill import config_lib
     from jdistill.models import detector
@@ -102,7 +103,7 @@ def test_losses_finite_with_empty_and_padded_images(family):
     cfg.width, cfg.neck_channels, cfg.stacked_convs = 0.125, 32, 1
     det = detector.build(cfg, 3)
     x = jnp.zeros((2, 64, 96, 3))
-    v = det.module.init(jax.random.PRNGKey(0), x)
+    v = jax.jit(det.module.init)(jax.random.PRNGKey(0), x)  # one compile, not op by op
     batch = {
         "boxes": jnp.array([[[4.0, 6, 40, 30]], [[0.0, 0, 0, 0]]]),
         "labels": jnp.zeros((2, 1), jnp.int32),
@@ -115,7 +116,7 @@ def test_losses_finite_with_empty_and_padded_images(family):
         out, _ = det.module.apply({**v, "params": params}, x)
         return det.loss(out, batch)
 
-    (total, metrics), grads = jax.value_and_grad(f, has_aux=True)(v["params"])
+    (total, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"])
     assert np.isfinite(float(total)) and all(np.isfinite(float(m)) for m in metrics.values())
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
     assert float(metrics["loss_bbox"]) > 0  # the one box found positives

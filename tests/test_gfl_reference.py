@@ -3,6 +3,7 @@ GPU of 2 images, reduce_mean'd normalisers, gradients averaged over GPUs)."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import crafted_batch
 from test_atss import np_atss
 
@@ -92,6 +93,7 @@ def gpu_loss(cls_imgs, reg_imgs, gts, labels, num_total_samples_mean, avg_factor
     return lc, lb / avg_factor_mean, ld / avg_factor_mean
 
 
+@pytest.mark.slow
 def test_gfl_loss_matches_mmdetection_transcription():
     cfg = config_lib.gfl(18)
     cfg.width, cfg.neck_channels, cfg.stacked_convs = 0.125, 32, 1

@@ -197,6 +197,7 @@ def test_only_positives_count_so_padding_never_does():
     assert float(clean) > 0
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_student_distributions_only_and_jit_agrees():
     rng = np.random.default_rng(2)
     maps, labels = random_case(rng, 2)
@@ -216,6 +217,7 @@ def test_gradient_reaches_the_student_distributions_only_and_jit_agrees():
     np.testing.assert_allclose(jax.jit(loss)(s, t), loss(s, t), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gfl_loss_adds_the_assignment_taps_and_is_unchanged():
     cfg = gfl_lib.defaults(50)
     cfg.update(width=0.125, neck_channels=32, stacked_convs=1)
@@ -224,12 +226,17 @@ def test_gfl_loss_adds_the_assignment_taps_and_is_unchanged():
     batch, *_ = crafted_batch(per_image, K, canvas=CANVAS)
     batch["pad_shape"] = jnp.asarray([CANVAS, (32, 48)], jnp.int32)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, *CANVAS, 3))
-    v = det.module.init(jax.random.PRNGKey(1), x)
-    out, _ = det.module.apply(v, x)
-    taps = {}
-    with_taps = det.loss(out, batch, taps=taps)
-    without = det.loss(out, batch)
-    np.testing.assert_array_equal(with_taps[0], without[0])
+    # compiled, not op by op: a whole detector is slow to run eagerly
+    v = jax.jit(det.module.init)(jax.random.PRNGKey(1), x)
+    out, _ = jax.jit(det.module.apply)(v, x)
+
+    def loss_and_taps(out):
+        taps = {}
+        return det.loss(out, batch, taps=taps), taps
+
+    with_taps, taps = jax.jit(loss_and_taps)(out)
+    without = jax.jit(lambda out: det.loss(out, batch))(out)
+    np.testing.assert_allclose(with_taps[0], without[0], rtol=1e-6)
     total = sum(level_hw(s)[0] * level_hw(s)[1] for s in STRIDES)
     assert sorted(taps) == ["assign/label_weight", "assign/neg", "assign/pos", "assign/valid"]
     assert all(v.shape == (2, total) for v in taps.values())

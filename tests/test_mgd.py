@@ -256,6 +256,7 @@ def test_padding_cells_are_excluded_by_default():
     np.testing.assert_allclose(one, only0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_jit_and_bfloat16():
     spec, s, t, _, _, batch = _case(seed=4)
     cfg = _cfg()

@@ -36,6 +36,7 @@ def test_data_state_of_each_process_and_of_another_process_count():
         checkpoint.data_state_of_process(apart, 0, 1, "d")
 
 
+@pytest.mark.slow
 def test_the_cli_reads_the_multihost_environment_and_names_a_bad_value(tmp_path):
     import subprocess
     import sys

@@ -192,6 +192,7 @@ def test_single_image_padding_equals_the_transcription_on_the_cropped_map():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_student_not_the_teacher_and_jit_agrees():
     rng = np.random.default_rng(3)
     s = to_taps(random_maps(rng, 2, 3, RETINA_LEVELS, RETINA_STRIDES))

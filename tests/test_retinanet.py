@@ -144,6 +144,7 @@ def test_loss_matches_mmdetection_transcription(retina):
     np.testing.assert_allclose(m["loss_bbox"], want_box, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_padding_examples_contribute_nothing(retina):
     levels = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
     rng = np.random.default_rng(1)
@@ -164,6 +165,7 @@ def test_padding_examples_contribute_nothing(retina):
     assert np.isfinite(float(total))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_close_outputs(retina):
     cfg = retina.cfg.copy_and_resolve_references()
     cfg.dtype = "bfloat16"

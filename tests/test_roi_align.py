@@ -105,6 +105,7 @@ def test_roi_align_gradient_reaches_features_only():
     assert float(jnp.abs(g[1]).sum()) == 0.0
 
 
+@pytest.mark.slow
 def test_fixed_grid_against_adaptive_sampling_on_real_feature_maps():
     """mmcv's sampling_ratio=0 (adaptive) vs our fixed 2 x 2 grid on FPN maps of real photos.
 
