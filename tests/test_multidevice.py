@@ -32,34 +32,3 @@ def test_eight_devices_give_the_same_loss_and_gradients(name):
     assert all(r["metrics_1"][k] > 0 for k in terms)  # the distillation path took part
     # after two SGD steps, equal parameters mean equal gradients (lr > 0, same momentum)
     assert r["max_param_diff"] < 1e-5
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        # One dense and two two-stage distillation configs: the other configs run the same
-        # sharded code (their single-device runs are in test_e2e.py); they are left out to keep
-        # the suite within its time budget.
-        "frs_gfl",
-        "frs_faster_rcnn",
-        "defeat_faster_rcnn_voc:paper",
-    ],
-)
-def test_cli_runs_on_eight_devices(name, tmp_path):
-    name, _, arg = name.partition(":")
-    if "voc" in name:
-        shared_data("raccoon_voc")
-    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    cmd = [
-        sys.executable,
-        "-m",
-        "jdistill.main",
-        f"--config=configs/{name}.py:{','.join(filter(None, [arg, 'runlocal']))}",
-        f"--workdir={tmp_path}",
-    ]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "mesh: 8 devices" in out.stderr
-    result = json.loads((tmp_path / "eval" / "step_4.json").read_text())
-    assert result["step"] == 4 and ("mAP" if "voc" in name else "bbox_mAP") in result
