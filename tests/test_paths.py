@@ -12,7 +12,9 @@ from jdistill import paths
 # The modules that read or write the workdir, checkpoints, teachers and prepared data.
 MODULES = [
     "jdistill/train.py",
-    "jdistill/checkpoint.py",
+    "jdistill/checkpoint/state.py",
+    "jdistill/checkpoint/damage.py",
+    "jdistill/checkpoint/variables.py",
     "jdistill/metrics_writer.py",
     "jdistill/demo.py",
     "jdistill/experiment.py",
