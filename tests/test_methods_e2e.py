@@ -17,7 +17,10 @@ from jdistill.models import detector as detector_lib
 
 # Methods that must be among the accepted ones (a method silently refused would go unseen).
 EXPECTED = {
-    "frs_gfl": {"frs_feat", "frs_cls", "defeat_neck", "pkd", "cwd", "cwd_logits", "mgd", "fgd"},
+    "frs_gfl": {
+        *("frs_feat", "frs_cls", "defeat_neck", "defeat_dense_kd"),
+        *("pkd", "cwd", "cwd_logits", "mgd", "fgd"),
+    },
     "frs_retinanet": {"frs_feat", "frs_cls", "defeat_neck", "defeat_dense_kd", "pkd", "mgd", "fgd"},
 }
 # Methods of another family's head: their own configs run them (test_e2e, their tests).

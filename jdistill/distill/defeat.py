@@ -210,6 +210,10 @@ def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, s
 def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat for one-stage detectors: decoupled dense classification KD.
 
+    Any dense head with per-class sigmoid logits and an assigner that taps its positives and
+    negatives: RetinaNet (A anchors per location, MaxIoU) and GFL (A = 1, ATSS; its quality
+    focal scores are sigmoid logits too). The DeFeat paper publishes the RetinaNet form only.
+
     Per prior, kd = T^2 * sum_k BCE(sigmoid(z_s / T), sigmoid(z_t / T)); averaged separately
     over the priors the detector's own assigner marks positive and negative (`assign/pos`,
     `assign/neg` taps, ignored priors in neither):
