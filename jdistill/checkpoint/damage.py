@@ -71,6 +71,7 @@ def _aside_path(directory, name, stamp):
 
 
 def unfinished_saves(directory):
+    """Paths of the saves in `directory` that a crash or preemption interrupted, sorted."""
     return sorted(
         os.path.join(directory, p.name)
         for p in paths.path(directory).iterdir()
