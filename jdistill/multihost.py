@@ -7,9 +7,14 @@ values that decide what runs next (an evaluation's metrics, a stop request, the 
 are therefore exchanged explicitly, as JSON, through the runtime's collectives.
 """
 
+import errno
 import json
 import logging as pylogging
+import os
+import socket
+import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -23,6 +28,18 @@ ENV = {
     "num_processes": "JDISTILL_NUM_PROCESSES",
     "process_id": "JDISTILL_PROCESS_ID",
 }
+# `jdistill.main.EXIT_ERROR`: the join watchdog ends the process itself (importing the entry
+# point here would define its flags a second time).
+EXIT_ERROR = 1
+# Extra seconds JAX's own join timeout gets over --distributed_timeout. When JAX's runs out,
+# its runtime aborts the process (LOG(FATAL), a C++ stack and no cause); the watchdog, which
+# fires at --distributed_timeout, must always come first, even on a busy host.
+_RUNTIME_GRACE_S = 60
+_EXAMPLE = "give host:port, e.g. localhost:1234"
+
+
+class JoinError(Exception):
+    """The processes of a multi-host run could not all join the runtime in time."""
 
 
 def initialize_distributed(
@@ -42,10 +59,19 @@ def initialize_distributed(
     the others wait for a process that stopped answering before they fail (a dead process that
     closed its sockets fails them at once, in their next collective).
 
+    A process other than 0 first waits for the coordinator's port to accept connections, so
+    that nobody listening there is reported as such. If the processes have not all joined
+    after `timeout_s`, a watchdog prints `error: <who waited where, for what>` to stderr and
+    ends the process with `EXIT_ERROR`: JAX's runtime would otherwise abort it a little later
+    with a C++ stack and no cause, and the wait cannot be interrupted from Python.
+
     Returns:
       whether the runtime was initialised (False: a single-process run).
     Raises:
-      ValueError: coordinator flags without `multihost`, or an incomplete set of them.
+      ValueError: coordinator flags without `multihost`, an incomplete or malformed set of
+        them, or `multihost` alone where JAX finds no cluster.
+      JoinError: nothing accepted connections at the coordinator's address within `timeout_s`,
+        or (process 0) another program holds the coordinator's port.
     """
     given = {
         "coordinator_address": coordinator_address,
@@ -63,15 +89,218 @@ def initialize_distributed(
             f"--multihost with --{named[0]} also needs {', '.join(missing)} "
             "(or none of them, to let JAX discover the cluster)"
         )
-    jax.distributed.initialize(
-        coordinator_address or None,
-        int(num_processes) if named else None,
-        int(process_id) if named else None,
-        initialization_timeout=int(timeout_s),
-        heartbeat_timeout_seconds=int(heartbeat_s),
-    )
+    if int(timeout_s) < 1:
+        raise ValueError(f"--distributed_timeout={timeout_s}: must be at least 1 (seconds)")
+    deadline = time.monotonic() + int(timeout_s)
+    if named:
+        host, port = parse_coordinator_address(coordinator_address)
+        coordinator_address = coordinator_address.strip()
+        num_processes, process_id = int(num_processes), int(process_id)
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} --num_processes={num_processes}: "
+                "need 0 <= process_id < num_processes"
+            )
+        if process_id > 0:
+            _wait_for_coordinator(host, port, deadline, process_id, num_processes, timeout_s)
+        else:
+            _check_port_free(port, num_processes, coordinator_address)
+    elif not _cluster_found():
+        raise ValueError(_NO_CLUSTER)
+    stuck = _stuck_message(process_id, num_processes, coordinator_address, timeout_s)
+    try:
+        _initialize_or_exit(
+            deadline,
+            stuck,
+            coordinator_address=coordinator_address or None,
+            num_processes=num_processes if named else None,
+            process_id=process_id if named else None,
+            initialization_timeout=int(timeout_s) + _RUNTIME_GRACE_S,
+            heartbeat_timeout_seconds=int(heartbeat_s),
+        )
+    except ValueError as e:
+        # The check above mirrors JAX's discovery; should they ever differ, JAX's own
+        # complaint (`coordinator_address should be defined.`) still becomes ours.
+        if not named and ("should be defined" in str(e) or "must be defined" in str(e)):
+            raise ValueError(_NO_CLUSTER) from e
+        raise
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+_NO_CLUSTER = (
+    "--multihost alone lets JAX discover the cluster, and it found none (no Cloud TPU VM, "
+    "Slurm job, Open MPI or Kubernetes environment); elsewhere give "
+    "--coordinator_address=host:port --num_processes=N --process_id=I, or set "
+    f"{ENV['coordinator_address']}, {ENV['num_processes']} and {ENV['process_id']}"
+)
+
+
+def parse_coordinator_address(address):
+    """`(host, port)` of a `host:port` or `[ipv6]:port` coordinator address.
+
+    Checked before JAX sees it: JAX splits it without checking and fails with an IndexError
+    (no port), or its runtime retries an impossible address until the join timeout.
+
+    Raises:
+      ValueError: no host, no port, or a port that is not a number in 1..65535.
+    """
+    flag = f"--coordinator_address={address!r}"
+    text = str(address).strip()
+    if text.startswith("["):  # [::1]:1234: the host's own colons are inside the brackets
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{flag}: no closing ']' after the IPv6 host; {_EXAMPLE}")
+        if not rest.startswith(":"):
+            raise ValueError(f"{flag}: no port; give [host]:port, e.g. [::1]:1234")
+        port = rest[1:]
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"{flag}: no port; {_EXAMPLE}")
+    if not host:
+        raise ValueError(f"{flag}: no host; {_EXAMPLE}")
+    if not port:
+        raise ValueError(f"{flag}: no port after the ':'; {_EXAMPLE}")
+    if not port.isdigit():
+        raise ValueError(f"{flag}: the port {port!r} is not a number; {_EXAMPLE}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{flag}: the port {int(port)} is out of range (1 to 65535)")
+    return host, int(port)
+
+
+def _cluster_found():
+    """Whether JAX's cluster discovery would find this process's cluster.
+
+    The same test `jax.distributed.initialize` makes, asked first so that `--multihost` alone
+    outside a cluster names its cause instead of JAX's `coordinator_address should be defined`.
+    """
+    from jax._src import clusters  # noqa: PLC0415 (no public API lists the cluster types)
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method:  # tried only when named (mpi4py), which we never do
+            continue
+        try:
+            if env.is_env_present():
+                return True
+        except Exception:  # noqa: BLE001 (a broken probe: let JAX try and say what failed)
+            return True
+    return False
+
+
+def _check_port_free(port, num_processes, coordinator_address):
+    """Raises JoinError if another program listens on the port process 0's service binds.
+
+    The runtime fails to bind it and then crashes the process (SIGSEGV, no cause). It binds
+    `[::]:port` (JAX_COORDINATOR_BIND_ADDRESS, when set, names another address: not checked).
+    """
+    if os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return
+    for family, addr in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                # as the runtime binds: a connection of an earlier run in TIME_WAIT is no owner
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:  # no IPv6 here: try IPv4; else leave it to JAX
+                continue
+            raise JoinError(
+                f"process 0 of {num_processes}: the port {port} of --coordinator_address="
+                f"{coordinator_address!r} is taken on this host ({e.strerror}); choose a free "
+                "port, the same for every process, or end what holds it"
+            ) from None
+
+
+def _wait_for_coordinator(host, port, deadline, process_id, num_processes, timeout_s):
+    """Returns once something accepts connections at host:port; JoinError at `deadline`.
+
+    JAX's runtime retries an unanswered coordinator until its timeout and then aborts the
+    process with no cause; a plain TCP connect tells that nobody listens there.
+    """
+    last = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 2.0)):
+                return
+        except OSError as e:  # refused (process 0 not up yet), unreachable, unresolved
+            last = e
+        time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+    where = f"{host}:{port}"
+    if isinstance(last, socket.gaierror):
+        raise JoinError(
+            f"process {process_id} of {num_processes}: the coordinator's host {host!r} did not "
+            f"resolve within {timeout_s} s ({last.strerror}); check --coordinator_address"
+        )
+    raise JoinError(
+        f"process {process_id} of {num_processes}: nothing answered at {where} within "
+        f"{timeout_s} s; start process 0 (it listens there), with the same "
+        "--coordinator_address"
+    )
+
+
+def _stuck_message(process_id, num_processes, coordinator_address, timeout_s):
+    """fn() -> the cause to print when the join outlives `timeout_s`.
+
+    A function, because where JAX discovers the cluster the process's index, the count and the
+    address are only known (in JAX's state) once the join has started.
+    """
+    check = "check that every process runs with the same --coordinator_address and --num_processes"
+
+    def message():
+        from jax._src import distributed  # noqa: PLC0415 (the discovered values live there)
+
+        state = distributed.global_state
+        if coordinator_address:
+            i, n, where = process_id, num_processes, coordinator_address
+        elif state.coordinator_address:
+            i, n, where = state.process_id, state.num_processes, state.coordinator_address
+        else:  # still asking the cluster (e.g. a TPU VM's metadata) for the coordinator
+            return f"JAX did not find the cluster's coordinator within {timeout_s} s"
+        if i == 0:
+            # The runtime's only word on who is missing is its abort's bare DEADLINE_EXCEEDED;
+            # the coordination service answers nothing to a process that has not joined.
+            waited = f"process 0 of {n} waited {timeout_s} s at {where} and"
+            if n == 2:
+                return f"{waited} process 1 never joined ({check})"
+            return (
+                f"{waited} at least 1 of the other {n - 1} processes never joined "
+                f"(the runtime does not say which; {check})"
+            )
+        return (
+            f"process {i} of {n} reached the coordinator at {where}, but not all {n} "
+            f"processes joined within {timeout_s} s ({check})"
+        )
+
+    return message
+
+
+def _initialize_or_exit(deadline, stuck, **kwargs):
+    """`jax.distributed.initialize(**kwargs)`, or `error: stuck()` and exit at `deadline`.
+
+    The join blocks in C++ (with the GIL released), so a Python timeout cannot interrupt it;
+    the watchdog thread ends the process instead, before the runtime's own abort.
+    """
+    done = threading.Event()
+
+    def watch():
+        if done.wait(max(deadline - time.monotonic(), 0)):
+            return
+        cause = stuck()
+        logging.flush()
+        sys.stdout.flush()
+        print(f"error: {cause}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
+
+    threading.Thread(target=watch, name="jdistill-join-watchdog", daemon=True).start()
+    try:
+        jax.distributed.initialize(**kwargs)
+    finally:
+        done.set()
 
 
 def process_log_prefix():
