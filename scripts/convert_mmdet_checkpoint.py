@@ -30,10 +30,21 @@ def main(argv):
     model_cfg = config.teacher.model if _TEACHER.value else config.model
     try:
         tools.convert(model_cfg, _SRC.value, _OUT.value, tuple(_SKIP.value))
-    except (mmdet.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (mmdet.ConversionError, ValueError, OSError) as e:  # the user's to fix: no traceback
+        sys.exit(_report(e))
     print(f"wrote {_OUT.value}")
+
+
+def _report(e):
+    """Prints `e` so that stderr ends with one line, `error: <cause>`, as `jdistill.main` does:
+    a message's further lines (every mismatched key) come first. Returns the exit status."""
+    lines = [ln.rstrip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    cause = lines[0]
+    if len(lines) > 1:
+        print("\n".join(lines), file=sys.stderr)
+        cause += f" [{len(lines) - 1} more lines above]"
+    print(f"error: {cause}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

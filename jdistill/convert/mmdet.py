@@ -16,13 +16,20 @@ One key table per module family, expressed as rewrite rules on the Flax path:
 Layouts: conv kernels HWIO <-> OIHW, dense kernels (in, out) <-> (out, in). Buffers the Flax
 model does not hold (`num_batches_tracked`, GFL's `integral.project`) are checked on import and
 written on export. Loading is strict: every missing key, unexpected key and shape mismatch is
-listed in one error. Reading never unpickles arbitrary objects (`torch.load(weights_only=True)`).
+listed in one error. Reading never unpickles arbitrary objects: a `.pth` whose pickle would
+import anything but tensors and plain containers is refused by name, and the load itself is
+`torch.load(weights_only=True)`.
 """
 
+import _compat_pickle
 import collections
+import copyreg
+import io
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 
 import numpy as np
 
@@ -188,8 +195,9 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
       {'params', 'batch_stats'} of numpy arrays.
     Raises:
       ConversionError listing every missing key, unexpected key, shape mismatch and weight
-      that is not floating point (an integer tensor for a float parameter), or saying that the
-      class count differs.
+      that is not floating point (an integer tensor for a float parameter; grouped by dtype),
+      or saying in one line that the class count differs or that no weight at all is floating
+      point (an integer file, not a detector's weights).
     """
     sd = {}
     for k, v in state_dict.items():
@@ -214,16 +222,17 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     missing = sorted(k for k in table if k not in sd and not skipped(k))
     missing += sorted(k for k in buffers if k not in sd and not skipped(k))
     unexpected = sorted(k for k in sd if k not in table and k not in buffers and not skipped(k))
-    shapes, dtypes = [], []
+    shapes, dtypes, float_weights = [], [], 0
     out = {"params": {}, "batch_stats": {}}
     for key, (coll, path) in table.items():
         ref = _leaf(expected, coll, path)
         if key in sd and not skipped(key):
+            float_weights += _is_float(ref.dtype)
             if _is_float(ref.dtype) and not _is_float(sd[key].dtype):
                 # Casting integer (or bool, or non-tensor) values into float weights would load
                 # garbage silently. Integer buffers (num_batches_tracked) are not in the key
                 # table: they are checked as buffers and never loaded.
-                dtypes.append(f"{key}: checkpoint {sd[key].dtype} vs model {np.dtype(ref.dtype)}")
+                dtypes.append((key, str(sd[key].dtype), str(np.dtype(ref.dtype))))
                 continue
             x = _to_flax_layout(sd[key], path)
             if tuple(x.shape) != tuple(ref.shape):
@@ -237,14 +246,58 @@ def to_flax(state_dict, expected, *, family, skip=(), what="checkpoint"):
     if "bbox_head.integral.project" in sd and "bbox_head.integral.project" in buffers:
         if not np.allclose(sd["bbox_head.integral.project"], buffers["bbox_head.integral.project"]):
             shapes.append("bbox_head.integral.project: not linspace(0, reg_max, reg_max + 1)")
+    if dtypes and len(dtypes) == float_weights:
+        # Not one weight is floating point: the file as a whole is the wrong kind (quantised,
+        # or indices), which one line says better than a line per key; its key mismatches, if
+        # any, would only matter once it holds weights.
+        counts = collections.Counter(got for _, got, _ in dtypes)
+        kinds = (
+            f"are {next(iter(counts))}"
+            if len(counts) == 1
+            else f"are not floating point ({_and_list([f'{n} {t}' for t, n in counts.items()])})"
+        )
+        raise ConversionError(
+            f"{what}: {len(dtypes)} of {float_weights} weight tensors {kinds}; a detector's "
+            f"weights are floating point (is this a quantised or index file?)"
+        )
     if missing or unexpected or shapes or dtypes:
-        lines = [f"{what} does not match the model:"]
+        problems = [
+            _count(len(missing), "missing key"),
+            _count(len(unexpected), "unexpected key"),
+            _count(len(shapes), "shape mismatch", "shape mismatches"),
+            _count(len(dtypes), "tensor not floating point", "tensors not floating point"),
+        ]
+        lines = [f"{what} does not match the model: {', '.join(filter(None, problems))}"]
         lines += [f"  missing key: {k}" for k in missing]
         lines += [f"  unexpected key: {k}" for k in unexpected]
         lines += [f"  shape mismatch: {s}" for s in shapes]
-        lines += [f"  not floating point: {s}" for s in dtypes]
+        lines += _dtype_lines(dtypes)
         raise ConversionError("\n".join(lines))
     return out
+
+
+def _count(n, one, many=None):
+    """'1 missing key', '3 missing keys', '' for 0."""
+    return "" if not n else f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
+
+
+def _dtype_lines(dtypes, per_key=3):
+    """Lines for the weights that are not floating point, [(key, dtype, model dtype)]: one per
+    key for a dtype with up to `per_key` of them, else one per dtype with a few example keys,
+    so a file with many integer weights is a few lines, not one per key."""
+    groups = collections.defaultdict(list)
+    for key, got, want in dtypes:
+        groups[(got, want)].append(key)
+    lines = []
+    for (got, want), keys in groups.items():
+        if len(keys) <= per_key:
+            lines += [f"  not floating point: {k}: checkpoint {got} vs model {want}" for k in keys]
+        else:
+            lines.append(
+                f"  not floating point: {len(keys)} tensors are {got} where the model has "
+                f"{want}, e.g. {', '.join(keys[:per_key])}"
+            )
+    return lines
 
 
 def _is_float(dtype):
@@ -270,9 +323,12 @@ def _set(tree, path, value):
 def read_checkpoint(path):
     """Reads a `.pth` (safely: `weights_only=True`) or `.safetensors` file.
 
-    Returns (state_dict {key: numpy}, meta dict). A pickle that needs arbitrary code to load is
-    refused by torch's restricted unpickler; that, an empty file and a damaged or truncated one
-    are each one ConversionError naming the file. bfloat16 tensors come back as ml_dtypes'
+    Returns (state_dict {key: numpy}, meta dict). Before torch sees a `.pth`, its pickle is read
+    opcode by opcode (nothing is run) for the names it would import; one that is not a tensor,
+    storage, dtype or plain container (`os.system`, a class of the training code) is refused
+    by name. torch's restricted unpickler still does the loading, so whatever that check misses
+    is refused there. A refusal, an empty file and a damaged or truncated one are each a
+    one-line ConversionError naming the file. bfloat16 tensors come back as ml_dtypes'
     bfloat16 (numpy has no bfloat16 of its own); `to_flax` casts them to the model's dtype.
     """
     if not os.path.isfile(path):
@@ -295,18 +351,26 @@ def read_checkpoint(path):
             ) from e
     import torch  # noqa: PLC0415 (the `convert` extra)
 
+    imports, parsed = pickled_imports(path)
+    foreign = sorted(name for name in imports if not _weights_file_may_import(name))
+    if foreign:
+        raise ConversionError(
+            f"refusing to load {path}: it would import {_and_list(foreign)}, which a weights "
+            f"file never holds (code or objects, not tensors); nothing in it was run"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "WeightsUnpickler" not in str(e):  # a cut-off legacy pickle: damage, not a refusal
+        if not parsed:  # the pickle stream itself is cut off or garbled: damage, not a refusal
             raise ConversionError(
                 f"cannot read {path}: damaged or truncated ({_describe(e)})"
             ) from e
-        # torch's restricted unpickler met something other than tensors and containers
+        # A whole, readable pickle that torch's restricted unpickler still turned down: it
+        # builds something the name check above does not see (an object's state, an opcode
+        # torch does not take, such as protocol 4's FRAME).
         raise ConversionError(
-            f"refusing to load {path}: it is not a plain weights file ({_describe(e)}). "
-            f"Checkpoints are read with torch.load(weights_only=True), "
-            f"which never runs code from the file."
+            f"refusing to load {path}: torch.load(weights_only=True), which never runs code "
+            f"from a file, turned it down ({_describe(e)})"
         ) from e
     except Exception as e:  # a cut-off zip archive (OSError), a cut-off pickle (EOFError), ...
         raise ConversionError(
@@ -320,6 +384,151 @@ def read_checkpoint(path):
     if not isinstance(obj, dict):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     return {k: _to_numpy(v) for k, v in obj.items()}, meta
+
+
+# A legacy (pre-zip) torch.save file is five pickles in a row: this magic number
+# (torch.serialization.MAGIC_NUMBER), the protocol version, sys info, the object and its storage
+# keys; raw storage bytes follow. A zip one (torch >= 1.6) keeps its object in `*/data.pkl`.
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PICKLES = 5
+_ZIP_MAGIC = b"PK\x03\x04"
+# Names torch.save has always written for tensors and the plain values of a checkpoint's meta
+# (mmcv writes str, int, float, tuples, lists and dicts, which need no import; sets and bytes
+# do). torch's own allow-list is added where this torch exposes it (`_weights_file_names`).
+_PLAIN_NAMES = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "builtins.set",
+        "builtins.bytearray",
+        "builtins.complex",
+        "_codecs.encode",  # bytes, as protocol 2 spells them
+        "torch.Size",
+        "torch.device",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout",
+        "torch._tensor._rebuild_from_type_v2",
+    }
+)
+
+
+def _and_list(names, limit=3):
+    """'a', 'a and b', 'a, b and c', 'a, b, c and 2 more'."""
+    if len(names) > limit:
+        return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def pickled_imports(path):
+    """What the pickles of the `.pth` at `path` would import, read without unpickling.
+
+    Returns (names, parsed): the 'module.name' of every GLOBAL, INST, STACK_GLOBAL and EXT
+    opcode in the pickles torch.load would unpickle, and whether each of them parsed to its
+    STOP. Names come only from pickles that parsed whole, so a damaged or non-pickle file
+    (whose bytes can look like any opcode) never reads as a refusal; torch then reports it.
+    """
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == _ZIP_MAGIC
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as z:
+                streams = [z.read(n) for n in z.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+        except Exception:  # a cut-off archive fails in many ways; torch.load names it
+            return set(), False
+        names = set()
+        for data in streams:
+            try:
+                names |= _imports_of(io.BytesIO(data))[0]
+            except Exception:  # pickletools raises ValueError, UnicodeDecodeError, ...
+                return names, False
+        return names, bool(streams)
+    names = set()
+    with open(path, "rb") as f:
+        for i in range(_LEGACY_PICKLES):
+            start = f.tell()
+            if not f.read(1):
+                break
+            f.seek(start)
+            try:
+                found, values = _imports_of(f)
+            except Exception:  # as above
+                return names, False
+            names |= found
+            if i == 0 and values != [_TORCH_MAGIC]:
+                break  # not a torch.save file: torch reads no further than this pickle either
+    return names, True
+
+
+def _imports_of(stream):
+    """(names one pickle imports, its first few opcode arguments), by pickletools, which only
+    decodes opcodes. Raises where the pickle does not parse to its STOP."""
+    names, values, memo, pushed = set(), [], {}, []
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            names.add(_py3_name(*arg.split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            module, name = ([None, None] + pushed)[-2:]
+            ok = isinstance(module, str) and isinstance(name, str)
+            names.add(_py3_name(module, name) if ok else "a name the pickle computes")
+        elif op.name.startswith("EXT"):  # copyreg's extension registry, which pickle reads
+            names.add(".".join(copyreg._inverted_registry.get(arg, ("extension code", str(arg)))))
+        if arg is not None and op.name not in ("PROTO", "FRAME") and len(values) < 3:
+            values.append(arg)
+        # STACK_GLOBAL takes module and name from the stack: follow the strings pushed and
+        # memoised (protocol 4 memoises a module name once and fetches it again by index).
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = [*pushed[-1:], memo.get(arg)]
+        elif op.stack_after:
+            pushed = [*pushed[-1:], arg if isinstance(arg, str) else None]
+    return names, values
+
+
+def _py3_name(module, name):
+    """'module.name' as Python 3 (and torch's unpickler) resolves a protocol 2 GLOBAL: with
+    the py2 -> py3 renames pickle itself keeps in `_compat_pickle` (`__builtin__.set`)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _weights_file_may_import(name):
+    """Whether a weights file may name `name`: a tensor rebuild function, storage, dtype or
+    plain container (`_PLAIN_NAMES`), or a name torch's weights-only unpickler allows."""
+    import torch  # noqa: PLC0415
+
+    module, _, attr = name.rpartition(".")
+    if name in _PLAIN_NAMES or name in _weights_file_names():
+        return True
+    if module == "torch._utils":
+        return attr.startswith("_rebuild_")  # _rebuild_tensor_v2, _rebuild_parameter, ...
+    if module in ("torch", "torch.storage"):
+        return attr.endswith("Storage") or isinstance(getattr(torch, attr, None), torch.dtype)
+    return False
+
+
+def _weights_file_names():
+    """torch's weights-only allow-list, with what this process added to it
+    (`torch.serialization.add_safe_globals`); empty for a torch that does not expose them."""
+    import torch  # noqa: PLC0415
+
+    names = set()
+    try:
+        from torch import _weights_only_unpickler as unpickler  # noqa: PLC0415
+
+        names |= set(unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # private: absent in some torch; the names above stay
+        pass
+    get_safe_globals = getattr(torch.serialization, "get_safe_globals", lambda: [])
+    for g in get_safe_globals():
+        names.add(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
+    return names
 
 
 def _to_numpy(v):
@@ -337,12 +546,15 @@ def _describe(exc):
     """'Type: the informative line' of an error, or just 'Type' when its message is empty (an
     empty .pth raises a bare EOFError).
 
-    torch's weights-only refusal opens with a paragraph about its defaults; the line after
-    "WeightsUnpickler error:" says what it met.
+    torch's weights-only refusal opens with a paragraph about its defaults; what it met is on
+    the line after "WeightsUnpickler error:" (torch < 2.6) or in the next paragraph. Only the
+    wording of the message depends on this; whether a file is refused never does.
     """
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed") and "\n\n" in text.strip():
+        text = text.strip().split("\n\n", 1)[1]
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
@@ -396,10 +608,11 @@ def load_variables(path, expected, *, family, skip=(), what="checkpoint", backbo
     Returns (variables, class names from the checkpoint's meta or None).
     """
     sd, meta = read_checkpoint(path)
+    what = what if path in what else f"{what} {path}"  # every error names the file
     if is_backbone_only(sd):
         if not backbone_ok:
             raise ConversionError(
-                f"{what}: {path} holds only an ImageNet backbone (no neck or head keys); a teacher "
+                f"{what} holds only an ImageNet backbone (no neck or head keys); a teacher "
                 f"must be a whole trained detector"
             )
         sd = pretrained_backbone(sd)
