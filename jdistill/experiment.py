@@ -1,5 +1,6 @@
 """One experiment, built: the student and teacher detectors, their specs, the distillation
-terms, the training state with its shardings, and the jitted step.
+terms, the training state with its shardings, and the jitted step; beside it `make_predict`,
+the predict function that evaluation and `jdistill.predict` jit.
 
 `setup()` is the only place this sequence is written; `train.run`, `scripts/benchmark.py` and
 the multi-device test call it. The teacher is read-only data: a separate variables pytree
@@ -48,6 +49,24 @@ def init_variables(detector, canvas, seed):
     """Random {'params', 'batch_stats'} for a detector at a canvas (numpy-free, on device)."""
     dummy = jnp.zeros((1, *canvas, 3), jnp.float32)
     return jax.jit(detector.module.init)(jax.random.PRNGKey(seed), dummy)
+
+
+def make_predict(detector, model_cfg):
+    """The jittable predict(variables, batch) -> fixed-size detections in original-image pixels.
+
+    Beside the train step, since both run the network on `model_inputs` of a pipeline batch.
+    Returns the detector's dict (boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D])
+    plus the batch's image_id [B] and image_valid [B].
+    """
+
+    def predict(variables, batch):
+        outputs, _ = detector.module.apply(variables, model_inputs(detector, model_cfg, batch))
+        dets = detector.predict(outputs, batch, variables=variables)
+        dets["image_id"] = batch["image_id"]
+        dets["image_valid"] = batch["image_valid"]
+        return dets
+
+    return predict
 
 
 # ============================================================================ teacher

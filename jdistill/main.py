@@ -10,10 +10,11 @@ user's to fix (a bug) log their traceback above it, the others log it with --ver
 
 import os
 import sys
-import traceback
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from jdistill import exits, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything.")
@@ -48,7 +49,8 @@ _HEARTBEAT = flags.DEFINE_integer(
 )
 
 # Exit statuses (see the module docstring).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = exits.EXIT_OK, exits.EXIT_ERROR, exits.EXIT_USAGE
+EXIT_INTERRUPTED = exits.EXIT_INTERRUPTED
 
 
 def main(argv):
@@ -64,19 +66,11 @@ def main(argv):
 
 
 def _run():
-    # TensorFlow is only used for tfds preparation: keep it off accelerators.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # noqa: PLC0415
+    start()
+    from jdistill import train  # noqa: PLC0415 (after TF is fenced off)
 
-    tf.config.set_visible_devices([], "GPU")
-    from jdistill import multihost, train  # noqa: PLC0415 (after TF is fenced off)
-
-    multihost.initialize_distributed(
-        **_multihost_options(), timeout_s=_INIT_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value
-    )
-    multihost.process_log_prefix()
     config = _CONFIG.value
-    logging.info("config:\n%s", config)
+    logs.log_config(config, flags.FLAGS["config"])
     use_compilation_cache(_WORKDIR.value)
     if config.get("demo"):
         from jdistill import demo  # noqa: PLC0415
@@ -84,6 +78,26 @@ def _run():
         demo.run(config, _WORKDIR.value)
     else:
         train.run(config, _WORKDIR.value)
+
+
+def start():
+    """What every command does before its work: the console's log policy (`--log_all`),
+    TensorFlow (tfds preparation only) kept off accelerators, the multi-process join when asked
+    for, the stop signals (`stopping`) and the `[process i/n]` log prefix."""
+    logs.setup()  # first: what the console shows, before any library logs
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # noqa: PLC0415
+
+    tf.config.set_visible_devices([], "GPU")
+    from jdistill import multihost, stopping  # noqa: PLC0415 (after TF is fenced off)
+
+    multihost.initialize_distributed(
+        **_multihost_options(), timeout_s=_INIT_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value
+    )
+    # From here on SIGTERM and SIGINT stop the command in one line, whatever phase it is in (not
+    # before: a handler cannot run while the runtime's join blocks, and the default one can).
+    stopping.SIGNALS.install()
+    multihost.process_log_prefix()
 
 
 def _multihost_options():
@@ -130,93 +144,12 @@ def use_compilation_cache(workdir):
 
 
 def report(e):
-    """Logs how a run ended when it did not finish; returns the exit status.
-
-    Errors meant for the user (a bad config, path or data, a diverged loss: ValueError, OSError
-    and the exception classes of this package) get their message only; anything else is a bug
-    and gets its traceback first. Either way the last line of stderr is `error: <cause>`.
-    """
-    train = sys.modules.get("jdistill.train")  # absent: the error came before it could run
-    if train is not None and isinstance(e, train.Preempted):
-        logging.warning("%s", e)
-        return EXIT_OK
-    if isinstance(e, SystemExit):  # sys.exit() somewhere below: keep its status
-        if e.code is None or isinstance(e.code, int):
-            return e.code or EXIT_OK
-        print(f"error: {e.code}", file=sys.stderr)
-        return EXIT_ERROR
-    exc_info = (type(e), e, e.__traceback__)
-    if isinstance(e, KeyboardInterrupt):
-        cause = "interrupted by SIGINT; the same command resumes from the last checkpoint"
-        code = EXIT_INTERRUPTED
-        logging.debug("interrupted here", exc_info=exc_info)
-    elif lost := _lost_process_cause(e):
-        cause, code = lost, EXIT_ERROR
-        logging.debug("raised here", exc_info=exc_info)
-    elif _for_the_user(e):
-        lines = _message_lines(e)
-        cause, code = lines[0], EXIT_ERROR
-        if len(lines) > 1:  # e.g. every mismatched key of a checkpoint: all in the log
-            logging.error("%s", "\n".join(lines))
-            cause += f" [{len(lines) - 1} more lines in the log above]"
-        logging.debug("raised here", exc_info=exc_info)
-    else:
-        logging.error("unexpected error:\n%s", "".join(traceback.format_exception(e)).rstrip())
-        lines = _message_lines(e)
-        cause, code = f"{type(e).__name__}: {lines[0]}", EXIT_ERROR
-    print(f"error: {cause}", file=sys.stderr)
-    return code
+    """`exits.report` with this command's heartbeat timeout; returns the exit status."""
+    parsed = flags.FLAGS.is_parsed()  # not when a test calls it
+    return exits.report(e, heartbeat_s=_HEARTBEAT.value if parsed else _HEARTBEAT.default)
 
 
-def _lost_process_cause(e):
-    """The one-line cause of a multi-process run's failure that another process's loss caused,
-    naming the lost processes once the runtime knows them (within the heartbeat timeout); None
-    for any other error."""
-    if "jax" not in sys.modules:  # failed before JAX was imported: nothing distributed
-        return None
-    from jdistill import multihost  # noqa: PLC0415
-
-    if not multihost.is_runtime_failure(e):
-        return None
-    lost = multihost.lost_processes(_HEARTBEAT.value + 10)
-    who = (
-        f"process {', '.join(map(str, lost))} of the run stopped answering"
-        if lost
-        else "another process of the run failed or the network dropped"
-    )
-    return f"{who}; this process stops too ({_message_lines(e)[0][:200]})"
-
-
-def _for_the_user(e):
-    return isinstance(e, ValueError | OSError) or type(e).__module__.startswith("jdistill.")
-
-
-def _message_lines(e):
-    lines = [ln.rstrip() for ln in str(e).splitlines() if ln.strip()]
-    return lines or [type(e).__name__]
-
-
-def _exit(code):
-    """Flushes the logs and ends the process without interpreter teardown.
-
-    A failed run once hung in about 1 exit in 4 after printing its error: the main thread sat
-    in the XLA CPU client's thread-pool destructor, which teardown runs while holding the
-    Python lock and which waits for its worker threads. A worker that still has to free a host
-    buffer of a step in flight when the error unwound needs that lock to release the numpy
-    array behind it (and Python 3.11 ends any thread taking the lock during finalisation), so
-    the wait never ends. `train.run` now waits for the device, stops the input threads,
-    finishes the checkpoint writes and closes the event writer; skipping teardown on top of
-    that loses nothing and leaves no destructor to block. `jax.distributed.shutdown` is called
-    on success so the other processes of a multi-host run see this one leave cleanly.
-    """
-    if code == EXIT_OK:
-        import jax  # noqa: PLC0415
-
-        jax.distributed.shutdown()
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+_exit = exits.exit_process
 
 
 def _parse_flags(argv):

@@ -21,6 +21,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jdistill import exits
+
 # Environment variables that stand for the multi-host flags of `jdistill.main`.
 ENV = {
     "multihost": "JDISTILL_MULTIHOST",
@@ -28,9 +30,6 @@ ENV = {
     "num_processes": "JDISTILL_NUM_PROCESSES",
     "process_id": "JDISTILL_PROCESS_ID",
 }
-# `jdistill.main.EXIT_ERROR`: the join watchdog ends the process itself (importing the entry
-# point here would define its flags a second time).
-EXIT_ERROR = 1
 # Extra seconds JAX's own join timeout gets over --distributed_timeout. When JAX's runs out,
 # its runtime aborts the process (LOG(FATAL), a C++ stack and no cause); the watchdog, which
 # fires at --distributed_timeout, must always come first, even on a busy host.
@@ -62,7 +61,7 @@ def initialize_distributed(
     A process other than 0 first waits for the coordinator's port to accept connections, so
     that nobody listening there is reported as such. If the processes have not all joined
     after `timeout_s`, a watchdog prints `error: <who waited where, for what>` to stderr and
-    ends the process with `EXIT_ERROR`: JAX's runtime would otherwise abort it a little later
+    ends the process with `exits.EXIT_ERROR`: JAX's runtime would otherwise abort it a little later
     with a C++ stack and no cause, and the wait cannot be interrupted from Python.
 
     Returns:
@@ -294,7 +293,7 @@ def _initialize_or_exit(deadline, stuck, **kwargs):
         logging.flush()
         sys.stdout.flush()
         print(f"error: {cause}", file=sys.stderr, flush=True)
-        os._exit(EXIT_ERROR)
+        os._exit(exits.EXIT_ERROR)
 
     threading.Thread(target=watch, name="jdistill-join-watchdog", daemon=True).start()
     try:

@@ -1,31 +1,38 @@
 """The trainer: one readable function `run(config, workdir)`, in banner sections.
 
-config checks / eval / loop
+config checks / loop
 
 The models, the distillation terms, the state and the jitted step come from
-`experiment.setup`; each canvas compiles once. No method or detector family is named here:
-what a distiller needs is checked against what the detectors provide (`distill/plan.py`).
+`experiment.setup`, evaluation from `evaluate/runner.py`; each canvas compiles once. No method
+or detector family is named here: what a distiller needs is checked against what the detectors
+provide (`distill/plan.py`).
 """
 
 import math
 import os
-import signal
-import threading
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from jdistill import checkpoint, experiment, metrics_writer, multihost, parallel, paths
+from jdistill import (
+    checkpoint,
+    experiment,
+    metrics_writer,
+    multihost,
+    parallel,
+    paths,
+    stopping,
+)
 from jdistill.data import pipeline, sources
 from jdistill.distill import api, balance, plan
 from jdistill.evaluate import coco as coco_eval
-from jdistill.evaluate import visualize
-from jdistill.evaluate import voc as voc_eval
+from jdistill.evaluate.runner import close_iterator as _close_iterator
+from jdistill.evaluate.runner import evaluate, make_predict, subset
 from jdistill.models import detector as detector_lib
+from jdistill.models import resnet
 
 
 class ConfigError(ValueError):
@@ -37,18 +44,8 @@ class NonFiniteLossError(FloatingPointError):
     the log counts), the loss terms there and the last checkpoint to restart from."""
 
 
-class Preempted(Exception):  # noqa: N818 (not an error: a requested stop, the run resumes)
-    """SIGTERM or SIGINT stopped training at a step boundary after saving a checkpoint there.
-
-    Re-running the same command resumes from it. `main` logs the message and exits 0.
-    """
-
-    def __init__(self, signame, step, directory):
-        super().__init__(
-            f"preempted by {signame}: saved step {step} in {directory}; "
-            "re-run the same command to resume"
-        )
-        self.step = step
+# SIGTERM or SIGINT stopped the run (jdistill/stopping.py); `main` logs it and exits 0.
+Preempted = stopping.Preempted
 
 
 # A checkpoint is offered as the restart point after a non-finite loss only when the loss its
@@ -104,6 +101,12 @@ def check_config(config):
     _check_integers(config)
     teacher = config.get("teacher")
     try:
+        detector_lib.check_block(config.model, "model")
+        if teacher:
+            detector_lib.check_block(teacher.model, "teacher.model")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    try:
         terms = plan.terms(config)
     except KeyError as e:
         raise ConfigError(e.args[0]) from e
@@ -133,13 +136,15 @@ def check_config(config):
                         f"the student's model.{what} {s.get(what)!r} differs from the teacher's "
                         f"{t.get(what)!r}"
                     )
-            if _backbone_channels(s) != _backbone_channels(t):
+            s_channels = resnet.out_channels(s.get("depth", 50), s.get("width", 1.0))
+            t_channels = resnet.out_channels(t.get("depth", 50), t.get("width", 1.0))
+            if s_channels != t_channels:
                 errors.append(
                     "distill.init_from_teacher copies the teacher's neck, whose lateral convs "
                     "take the backbone's channels: the student's backbone (depth "
-                    f"{s.get('depth')}, width {s.get('width')}) gives {_backbone_channels(s)}, "
+                    f"{s.get('depth')}, width {s.get('width')}) gives {list(s_channels)}, "
                     f"the teacher's (depth {t.get('depth')}, width {t.get('width')}) "
-                    f"{_backbone_channels(t)}"
+                    f"{list(t_channels)}"
                 )
         if errors:
             raise ConfigError("; ".join(errors))
@@ -158,11 +163,10 @@ def check_config(config):
             f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
         )
     backend = config.get("eval_backend", "pycocotools")
-    if backend != "pycocotools":
-        try:
-            coco_eval.check_backend(backend)
-        except ValueError as e:
-            raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
+    try:
+        coco_eval.check_backend(backend)
+    except ValueError as e:
+        raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
     if config.eval_batch_size % jax.device_count():
         raise ConfigError(
             f"eval_batch_size {config.eval_batch_size} does not split over "
@@ -175,14 +179,6 @@ def check_config(config):
             f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
             f"{per_device}"
         )
-
-
-def _backbone_channels(model):
-    """Output channels of a ResNet backbone's stages C2-C5: 64-512 for depths below 50 (basic
-    blocks), 4x that from 50 on (bottlenecks), times `width`."""
-    base = [64, 128, 256, 512]
-    grow = 4 if model.get("depth", 50) >= 50 else 1
-    return [int(c * grow * model.get("width", 1.0)) for c in base]
 
 
 def check_workdir(workdir):
@@ -206,103 +202,6 @@ def check_workdir(workdir):
         raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
 
 
-def make_predict(detector, model_cfg):
-    """predict(variables, batch) -> fixed-size detections in original-image pixels."""
-
-    def predict(variables, batch):
-        outputs, _ = detector.module.apply(
-            variables, experiment.model_inputs(detector, model_cfg, batch)
-        )
-        dets = detector.predict(outputs, batch, variables=variables)
-        dets["image_id"] = batch["image_id"]
-        dets["image_valid"] = batch["image_valid"]
-        return dets
-
-    return predict
-
-
-# ============================================================================ eval
-
-
-def evaluate(predict_fn, variables, split, config, mesh, workdir, tag, step, category_ids):
-    """COCO (or VOC, `data.eval_metric='voc'`) mAP of `variables` on `split`.
-
-    Writes eval/<tag>step_<N>.json and a PNG. Returns the dict of metric names -> float
-    (mmdetection's COCO names, or `mAP` and `AP50/<class>` for VOC).
-    """
-    t0 = time.time()
-    results = []
-    batches = iter(pipeline.eval_dataset(split, config.data, config.eval_batch_size))
-    try:
-        for local in batches:
-            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
-            dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
-            results += coco_eval.to_results(
-                dets, dets["image_id"], dets["image_valid"], category_ids
-            )
-    finally:
-        _close_iterator(batches)  # an error mid-way leaves its reader threads running
-    # Every process ran the same padded batches and holds every detection; process 0 alone
-    # scores them and writes the files, and the metrics it found are the ones every process
-    # returns (they may decide what runs next).
-    metrics = {}
-    if jax.process_index() == 0:
-        if config.data.get("eval_metric", "coco") == "voc":
-            metrics, summary = voc_eval.evaluate_split(
-                split, results, config.data.get("voc_ap_mode", "11points")
-            )
-        else:
-            metrics, summary = coco_eval.evaluate(
-                coco_eval.ground_truth(split),
-                results,
-                backend=config.get("eval_backend", "pycocotools"),
-            )
-        stem = f"{workdir}/eval/{tag}step_{step}"
-        paths.path(workdir, "eval").mkdir(parents=True, exist_ok=True)
-        paths.write_json(f"{stem}.json", {"step": step, **metrics})
-        # COCO results format (original-image xywh, category ids): pycocotools' loadRes reads it
-        paths.write_json(f"{stem}.detections.json", results, indent=None)
-        _draw(split, results, config.num_vis_images, f"{stem}.png")
-        logging.info(
-            "%seval at step %d (%d images, %.1fs): %s\n%s",
-            tag,
-            step,
-            len(split),
-            time.time() - t0,
-            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
-            summary,
-        )
-    metrics = multihost.broadcast_json(metrics)
-    return metrics
-
-
-def _draw(split, results, n, path):
-    n = min(n, len(split))
-    if n <= 0:
-        return
-    images, dets = [], []
-    for i in range(n):
-        img_id = int(split.image_ids[i])
-        mine = [r for r in results if r["image_id"] == img_id]
-        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)])
-        label_of = {c: k for k, c in enumerate(split.category_ids)}
-        images.append(np.asarray(split.source[i]["image"]))
-        dets.append(
-            {
-                "boxes": boxes.reshape(-1, 4),
-                "scores": np.array([r["score"] for r in mine]),
-                "labels": np.array([label_of[r["category_id"]] for r in mine], np.int64),
-                "valid": np.ones(len(mine), bool),
-            }
-        )
-    visualize.draw_grid(images, dets, split.class_names, path)
-
-
-def subset(split, n):
-    """The first `n` examples of a split (all when n <= 0)."""
-    return split.head(n)
-
-
 # ============================================================================ loop
 
 
@@ -319,9 +218,14 @@ def run(config, workdir, *, stop_at_step=None):
     Raises:
       ConfigError: a bad config value or workdir, before anything is loaded.
       NonFiniteLossError: the loss or gradient became NaN/inf.
-      Preempted: SIGTERM or SIGINT arrived during training; a checkpoint of the step then
-        finishing was saved and the run can be continued.
+      Preempted: SIGTERM or SIGINT arrived (`stopping`): in training, after saving a checkpoint
+        of the step then finishing; in any other phase at once, saying what was kept.
     """
+    with stopping.SIGNALS.installed():
+        return _run(config, workdir, stop_at_step, stopping.SIGNALS)
+
+
+def _run(config, workdir, stop_at_step, signals):
     check_config(config)
     check_workdir(workdir)
     mesh = parallel.make_mesh()
@@ -333,10 +237,13 @@ def run(config, workdir, *, stop_at_step=None):
     )
 
     # ------------------------------------------------------------------ data
-    train_split = sources.load_split(config.data, config.data.train_split)
-    eval_split = subset(
-        sources.load_split(config.data, config.data.eval_split), config.eval_max_images
-    )
+    # A stop before training leaves the workdir as it was (tfds keeps only finished data sets).
+    as_it_was = "the workdir is as it was; re-run the same command to go on"
+    with signals.phase("preparing the data", as_it_was):
+        train_split = sources.load_split(config.data, config.data.train_split)
+        eval_split = subset(
+            sources.load_split(config.data, config.data.eval_split), config.eval_max_images
+        )
     sampler = pipeline.TrainSampler(train_split, config.data, config.batch_size, config.seed)
     logging.info(
         "data: %d training images (%d steps/epoch of %d), %d eval images, %d classes",
@@ -352,15 +259,16 @@ def run(config, workdir, *, stop_at_step=None):
     # ------------------------------------------------------------------ models, state, step
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     latest = mgr.latest_step()
-    exp = experiment.setup(
-        config,
-        mesh,
-        num_classes=num_classes,
-        canvas=canvas,
-        steps_per_epoch=sampler.steps_per_epoch,
-        class_names=train_split.class_names,
-        load_init=latest is None,
-    )
+    with signals.phase("building the models", as_it_was):
+        exp = experiment.setup(
+            config,
+            mesh,
+            num_classes=num_classes,
+            canvas=canvas,
+            steps_per_epoch=sampler.steps_per_epoch,
+            class_names=train_split.class_names,
+            load_init=latest is None,
+        )
     student, teacher, teacher_vars = exp.student, exp.teacher, exp.teacher_vars
     state, state_sharding, train_step = exp.state, exp.state_sharding, exp.train_step
     total_steps = exp.total_steps
@@ -377,7 +285,8 @@ def run(config, workdir, *, stop_at_step=None):
         )
         # The newest step that restores: damaged newer steps are set aside with a warning;
         # another model's checkpoints or no restorable step at all raise CheckpointError.
-        latest, state, data_state, _ = checkpoint.restore_newest(mgr, abstract)
+        with signals.phase("restoring the checkpoint", as_it_was):
+            latest, state, data_state, _ = checkpoint.restore_newest(mgr, abstract)
         data_state = checkpoint.data_state_of_process(
             data_state, jax.process_index(), jax.process_count(), mgr.directory
         )
@@ -392,7 +301,6 @@ def run(config, workdir, *, stop_at_step=None):
     # Everything from here on starts threads (input readers, orbax, the event writer) or device
     # work that the `finally` below stops again, whether the run ends, fails or is preempted.
     writer = iterator = None
-    stop_signals = _StopSignals()
     finished = False
     try:
         predict_student = jax.jit(make_predict(student, config.model))
@@ -409,17 +317,22 @@ def run(config, workdir, *, stop_at_step=None):
         cat_ids = train_split.category_ids
 
         if teacher is not None and start == 0:
-            t_metrics = evaluate(
-                jax.jit(make_predict(teacher, config.teacher.model)),
-                teacher_vars,
-                eval_split,
-                config,
-                mesh,
-                workdir,
-                "teacher_",
-                0,
-                cat_ids,
-            )
+            with signals.phase(
+                "evaluating the teacher",
+                "no step was trained and no checkpoint written; re-run the same command to start",
+            ):
+                logging.info("evaluating the teacher (%d images)", len(eval_split))
+                t_metrics = evaluate(
+                    jax.jit(make_predict(teacher, config.teacher.model)),
+                    teacher_vars,
+                    eval_split,
+                    config,
+                    mesh,
+                    workdir,
+                    "teacher_",
+                    0,
+                    cat_ids,
+                )
             writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
 
         # -------------------------------------------------------------- loop
@@ -526,35 +439,54 @@ def run(config, workdir, *, stop_at_step=None):
         def preempted(step):
             # The checkpoint must really be on disk before the run reports it and exits 0.
             mgr.wait_until_finished()
-            return Preempted(stop_signals.signame, step, mgr.directory)
+            return stopping.saved_at(signals.signame, step, mgr.directory)
 
-        stop_signals.install()
-        for step in range(start, end):
-            local = next(iterator)
-            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
-            state, metrics = train_step(state, teacher_vars, batch)
-            done = step + 1
-            pending.append((done, metrics))
-            log_step = done % config.log_every == 0
-            stop = stop_signals.agreed(poll=log_step)
-            if log_step or done == end or stop:
-                log(done)
-            if done % config.checkpoint_every == 0 or done == end or stop:
-                save(done)
-            if stop:
-                raise preempted(done)
-            if config.eval_every and done % config.eval_every == 0 and done != total_steps:
-                evaluate_student(done)
+        def evaluate_between_steps(done):
+            # One process stops an evaluation at once and saves the step it evaluated; several
+            # finish it (its batches are collectives) and stop together at the next poll.
+            single = jax.process_count() == 1
+            try:
+                with signals.phase(
+                    f"evaluating step {done}", "", deferred=not single, watched=False
+                ):
+                    evaluate_student(done)
+            except Preempted:
+                if last_saved != done:
+                    save(done)
+                raise preempted(done) from None
+
+        with signals.phase("training", "", deferred=True):
+            for step in range(start, end):
+                local = next(iterator)
+                batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+                state, metrics = train_step(state, teacher_vars, batch)
+                done = step + 1
+                pending.append((done, metrics))
+                log_step = done % config.log_every == 0
+                stop = signals.agreed(poll=log_step)
+                if log_step or done == end or stop:
+                    log(done)
+                if done % config.checkpoint_every == 0 or done == end or stop:
+                    save(done)
+                if stop:
+                    raise preempted(done)
+                if config.eval_every and done % config.eval_every == 0 and done != total_steps:
+                    evaluate_between_steps(done)
+            stop = end == total_steps and signals.agreed(poll=True)
+            if stop and last_saved is not None:
+                raise preempted(last_saved)  # skip the final evaluation; a re-run does it
 
         if end == total_steps:
-            if stop_signals.agreed(poll=True) and last_saved is not None:
-                raise preempted(last_saved)  # skip the final evaluation; a re-run does it
             if latest is not None and latest == total_steps:
                 logging.info("already trained to step %d; evaluating the final checkpoint", latest)
-            final = evaluate_student(total_steps)
+            with signals.phase(
+                "evaluating the trained model",
+                f"training finished and its last checkpoint (step {total_steps}) is in "
+                f"{mgr.directory}; re-run the same command to evaluate it",
+            ):
+                final = evaluate_student(total_steps)
         finished = True
     finally:
-        stop_signals.restore()
         # Stop every thread the run started, also when it fails: a process that exits with
         # work in flight can hang in interpreter teardown (see main.py). The in-flight async
         # save finishes first, so the last good checkpoint an error names really is on disk.
@@ -621,71 +553,6 @@ def last_good_checkpoint(steps, losses, factor=SANE_LOSS_FACTOR):
         if after:
             good = s
     return good
-
-
-class _StopSignals:
-    """SIGTERM and SIGINT, while installed, ask training to stop at the next step boundary.
-
-    The handler only records the signal; the loop saves a checkpoint after the step in flight
-    and raises `Preempted`. A second SIGINT raises KeyboardInterrupt at once, for a user who
-    will not wait for the step. Python handles signals in the main thread only: a run started
-    from another thread installs nothing and keeps the default behaviour.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signame = None
-        self._previous = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self):
-        for sig, previous in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is closest.
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        del frame
-        name = signal.Signals(signum).name
-        if self.signame is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signame = name
-        logging.warning(
-            "%s received: saving a checkpoint when the current step ends (SIGINT again aborts)",
-            name,
-        )
-
-    def agreed(self, poll):
-        """Whether training stops at this step.
-
-        One process decides alone, at every step. Several must stop at the same step, as saving
-        is collective: they compare flags at `poll` steps only (the log steps, where the host
-        already waits for the device), so a signal on any of them stops them all there.
-        """
-        requested = self.signame is not None
-        if jax.process_count() == 1:
-            return requested
-        if not poll:
-            return False
-        anyone = bool(multihost_utils.process_allgather(np.int32(requested)).max())
-        if anyone and not requested:
-            self.signame = "a signal to another process"
-        return anyone
-
-
-def _close_iterator(iterator):
-    """Stops a grain iterator's reader threads (shuts its thread pool, cancels prefetches)."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _release(state, iterator, mgr, writer):

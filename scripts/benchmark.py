@@ -46,10 +46,11 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jdistill import experiment, parallel, train  # noqa: E402
+from jdistill import experiment, parallel  # noqa: E402
 from jdistill.data import pipeline, sources  # noqa: E402
 from jdistill.distill import plan  # noqa: E402
 from jdistill.evaluate import coco as coco_eval  # noqa: E402
+from jdistill.evaluate import runner  # noqa: E402
 from jdistill.models import detector as detector_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -210,7 +211,7 @@ def eval_model_cfg(model_cfg, score_thr):
 
 
 def bench_eval(config, eval_batch, canvas, num_classes, mesh, steps):
-    """Times evaluation as `train.evaluate` runs it, minus the input pipeline and COCOeval.
+    """Times evaluation as `runner.evaluate` runs it, minus the input pipeline and COCOeval.
 
     Device part: the jitted predict (network, decoding and NMS batched on device) until its
     fixed-size detections are ready. Total: plus the detections to the host and
@@ -223,7 +224,7 @@ def bench_eval(config, eval_batch, canvas, num_classes, mesh, steps):
     )
     local = synthetic_batch(eval_batch, canvas, config.data.max_boxes, num_classes, seed=1)
     batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
-    predict = jax.jit(train.make_predict(student, model_cfg))
+    predict = jax.jit(runner.make_predict(student, model_cfg))
     t0 = time.perf_counter()
     compiled = predict.lower(variables, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -287,7 +288,7 @@ def bench_input(config, batch_size, canvas_override, num_batches):
             canvases.add(tuple(next(iterator)["image"].shape[1:3]))
         seconds = time.perf_counter() - t0
     finally:
-        train._close_iterator(iterator)  # noqa: SLF001 (the trainer's own shutdown of grain)
+        runner.close_iterator(iterator)  # stops grain's reader threads, as training does
     rate = num_batches * batch_size / seconds
     shown = ", ".join(f"{h} x {w}" for h, w in sorted(canvases))
     row("input images/s", f"{rate:.1f} ({data_cfg.num_workers} workers, canvases {shown})")

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ml_collections  # noqa: E402
 
-from jdistill import config_lib, paths, train  # noqa: E402
+from jdistill import config_lib, exits, paths, train  # noqa: E402
 from jdistill import demo as demo_lib  # noqa: E402
 from jdistill.distill import registry  # noqa: E402
 
@@ -54,7 +54,10 @@ METHODS = {
 def define_flags():
     """The command's flags (defined when run as a script, so importing this module for its
     functions defines none)."""
+    from jdistill import logs  # noqa: PLC0415 (importing it defines --log_all)
+
     return dict(
+        log_all=logs.LOG_ALL,
         workdir=flags.DEFINE_string("workdir", None, "Where the runs and the table go."),
         seeds=flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run."),
         steps=flags.DEFINE_integer("steps", 300, "Training steps of every student."),
@@ -220,6 +223,9 @@ def run_seconds(workdir, steps):
 def main(argv, opts):
     del argv
     o = {k: flag.value for k, flag in opts.items()}
+    from jdistill import logs  # noqa: PLC0415 (see define_flags)
+
+    logs.setup(o.get("log_all", False))  # the console: our lines, everyone's warnings
     unknown = sorted(set(o["methods"]) - set(METHODS))
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
@@ -271,7 +277,21 @@ def main(argv, opts):
     print(table)
 
 
+def cli(argv, opts):
+    """Runs `main` and ends the process as `jdistill.main` does: any failure (an unwritable
+    workdir, a bad teacher, a diverged run) is one `error:` line and exit 1, never a traceback
+    without its cause; SIGTERM / SIGINT stop the run in progress in one line (exit 0)."""
+    try:
+        main(argv, opts)
+        code = exits.EXIT_OK
+    except app.UsageError:
+        raise  # absl prints it with the usage, exit 1
+    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
+        code = exits.report(e)
+    exits.exit_process(code)
+
+
 if __name__ == "__main__":
     FLAGS = define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(lambda argv: main(argv, FLAGS))
+    app.run(lambda argv: cli(argv, FLAGS))

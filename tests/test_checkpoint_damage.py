@@ -6,6 +6,8 @@ The checkpoints are tiny but real: `checkpoint.save` of a small pytree (with an 
 a training state has), damaged on disk the way crashes, full disks and bad copies damage them.
 """
 
+import asyncio
+import gc
 import glob
 import logging
 import os
@@ -20,6 +22,7 @@ import optax
 import pytest
 
 from jdistill import checkpoint
+from jdistill.checkpoint import damage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (1, 2, 3)
@@ -272,6 +275,36 @@ def test_a_transient_error_is_raised_not_called_damage(ckpts, monkeypatch):
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
         checkpoint.restore_newest(mgr, abstract(make_state(0)))
     assert mgr.all_steps() == list(STEPS)  # a good checkpoint is never set aside for it
+
+
+def test_asyncio_reports_of_abandoned_orbax_reads_go_to_the_debug_log(caplog):
+    # When orbax's read of a step ends on its first failed array, a read that failed in that
+    # same loop iteration is never retrieved, and asyncio reports it (some 80 lines each) when
+    # the task is collected. Which reads those are depends on timing, so the test makes the
+    # same report deterministically: orbax's own read coroutine, failing, never awaited.
+    from orbax.checkpoint._src.serialization import serialization
+
+    async def not_orbax():
+        raise ValueError("a task of someone else's")
+
+    with damage.quiet_failed_reads():  # installs the filters (for the life of the process)
+        pass
+    loop = asyncio.new_event_loop()
+    tasks = [
+        loop.create_task(serialization.async_deserialize(None, {})),  # fails: no sharding
+        loop.create_task(not_orbax()),
+    ]
+    with caplog.at_level(logging.DEBUG):
+        loop.run_until_complete(asyncio.sleep(0.05))
+        loop.close()
+        assert all(t.done() for t in tasks)
+        del tasks
+        gc.collect()
+    shown = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(shown) == 1 and "not_orbax" in shown[0]  # anything else is still reported
+    (debug,) = [m for m in map(logging.LogRecord.getMessage, caplog.records) if "read:" in m]
+    assert "Task exception was never retrieved" in debug and "sharding" in debug
+    assert "\n" not in debug
 
 
 # ---------------------------------------------------------------- load_model_variables

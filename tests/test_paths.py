@@ -22,6 +22,10 @@ MODULES = [
     "jdistill/data/sources.py",
     "jdistill/evaluate/coco.py",
     "jdistill/evaluate/visualize.py",
+    "jdistill/evaluate/runner.py",
+    "jdistill/evaluate/model.py",
+    "jdistill/evaluate/score.py",
+    "jdistill/evaluate/predict_images.py",
 ]
 # Local-only file system calls: each fails on (or silently misreads) a gs:// path.
 LOCAL_ONLY = {

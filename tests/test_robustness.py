@@ -23,7 +23,7 @@ from conftest import REPO, cli_env, load_config
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
-from jdistill import checkpoint, main, metrics_writer, train
+from jdistill import checkpoint, main, metrics_writer, stopping, train
 
 
 def override(config, **values):
@@ -145,7 +145,7 @@ def test_report_gives_one_error_line_and_the_exit_status(capsys, caplog):
     assert capsys.readouterr().err == "error: KeyError: 'missing'\n"
     assert "Traceback" in caplog.text and "unexpected error" in caplog.text
 
-    assert main.report(train.Preempted("SIGTERM", 7, "/w/checkpoints")) == 0
+    assert main.report(stopping.saved_at("SIGTERM", 7, "/w/checkpoints")) == 0
     assert capsys.readouterr().err == ""
     assert "preempted by SIGTERM: saved step 7 in /w/checkpoints" in caplog.text
     assert main.report(KeyboardInterrupt()) == 130
@@ -229,25 +229,6 @@ def test_a_failing_run_prints_one_error_line_and_exits_at_once(tmp_path):
 
 
 # ============================================================================ preemption
-
-
-def test_stop_signals_set_a_flag_and_a_second_sigint_aborts():
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers can only be installed from the main thread")
-    previous = signal.getsignal(signal.SIGINT)
-    stop = train._StopSignals()
-    stop.install()
-    try:
-        assert not stop.agreed(poll=False)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-        assert stop.signame == "SIGTERM" and stop.agreed(poll=False)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)
-    finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGINT) is previous
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ damage (`tree_differences`), and a read that failed for want of memory, permissi
 
 import contextlib
 import gc
+import logging as std_logging
 import os
+import re
 import sys
 import time
 import types
@@ -186,6 +188,13 @@ def quiet_failed_reads():
     log; any other unraisable goes to the usual hook. Callers record a failed read's one-line
     cause and drop its exception (which references the abandoned coroutines), so that most are
     collected right here.
+
+    asyncio reports the abandoned orbax tasks themselves the same way: "Task exception was never
+    retrieved" (with a traceback and a spec dump, some 80 lines each) for a read that failed in
+    the loop iteration where orbax's read ended, and "Task was destroyed but it is pending" for
+    one still running then. That iteration's count depends on timing (none in most runs, one or
+    five under load), so a second filter, on the 'asyncio' logger and also for the life of the
+    process, sends those of tasks running orbax's coroutines to the debug log.
     """
     if not getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
         previous = sys.unraisablehook
@@ -202,7 +211,35 @@ def quiet_failed_reads():
 
         hook.drops_orbax_leftovers = True
         sys.unraisablehook = hook
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxTaskLeftovers) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_OrbaxTaskLeftovers())
     try:
         yield
     finally:
         gc.collect()  # one collection per resume or model read: cheap next to either
+
+
+# asyncio's reports of a task nobody awaited to the end (asyncio/tasks.py)
+_ASYNCIO_LEFTOVER = ("Task exception was never retrieved", "Task was destroyed but it is pending")
+# The task's coroutine and where it is defined or stopped, as asyncio's message names them:
+# "coro=<async_deserialize() done, defined at /.../serialization.py:394>".
+# (A nested coroutine's name has "<locals>" in it.)
+_TASK_CORO = re.compile(r"coro=<\S+?\(\) (?:done, defined|running) at (.+?):\d+")
+_ORBAX_DIR = os.path.dirname(os.path.realpath(ocp.__file__))
+
+
+class _OrbaxTaskLeftovers(std_logging.Filter):
+    """Sends asyncio's reports of orbax's abandoned tasks to the debug log (one line each)."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if not message.startswith(_ASYNCIO_LEFTOVER):
+            return True
+        found = _TASK_CORO.search(message)
+        if not found or not os.path.realpath(found.group(1)).startswith(_ORBAX_DIR + os.sep):
+            return True  # not orbax's: whatever it is, it is shown
+        exc = record.exc_info[1] if record.exc_info else None
+        what = cause(exc, limit=200) if exc else "pending"
+        logging.debug("after a failed checkpoint read: %s (%s)", message.splitlines()[0], what)
+        return False

@@ -100,6 +100,26 @@ def decode(data, *, name, strict=False):
     return image, f"{damage}; decoded tolerantly, as OpenCV would"
 
 
+def header_size(f):
+    """(height, width) of an image file read from its header, without decoding the pixels.
+
+    Args:
+      f: a binary file object at the file's start.
+    Returns:
+      (height, width) as `decode` gives them, or None when PIL cannot parse the header; then
+      `decode` gives the verdict (it may still decode a damaged file tolerantly, or say why it
+      cannot).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                width, height = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None  # UnidentifiedImageError is an OSError
+    return height, width
+
+
 def encode_png(image):
     """[H, W, 3] uint8 -> PNG bytes (lossless), for images decoded tolerantly."""
     buf = io.BytesIO()

@@ -17,6 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdistill import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "data_report.png", "The PNG grid of images with their boxes.")
 _NUM = flags.DEFINE_integer("num_images", 8, "Images in the PNG grid.")
@@ -109,6 +111,7 @@ def draw(split, n, path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.setup()  # tfds's progress bars and INFO lines only with --log_all
     from jdistill.data import sources  # noqa: PLC0415
 
     data_cfg = _CONFIG.value.data

@@ -20,6 +20,38 @@ FAMILIES = {
     "faster_rcnn": faster_rcnn.FasterRCNN,
 }
 
+# Each family's `model` block (`models/<family>.py: defaults(depth)`).
+DEFAULTS = {
+    "retinanet": retinanet.defaults,
+    "gfl": gfl.defaults,
+    "fcos": fcos.defaults,
+    "faster_rcnn": faster_rcnn.defaults,
+}
+
+
+def check_block(model_cfg, where):
+    """Refuses a `model` block whose keys are not its family's (ValueError naming `where`).
+
+    A block is built by its family's `defaults`; `family` changed on the command line leaves
+    the other family's keys behind, which fails deep in the model with a bare KeyError. Blocks
+    are locked, so the new family's keys cannot be added there: the fix is a config file.
+    """
+    family = model_cfg.get("family")
+    if family not in DEFAULTS:
+        raise ValueError(f"config.{where}.family={family!r}: known families: {sorted(DEFAULTS)}")
+    want = set(DEFAULTS[family](model_cfg.get("depth", 50)).keys())
+    missing = sorted(want - set(model_cfg.keys()))
+    if missing:
+        foreign = sorted(set(model_cfg.keys()) - want)
+        raise ValueError(
+            f"config.{where}.family={family!r}, but the block lacks {family}'s settings "
+            f"({', '.join(missing)})"
+            + (f" and holds another family's ({', '.join(foreign)})" if foreign else "")
+            + f": a family cannot be changed by an override; write a config whose {where} is "
+            f"config_lib.{family}(depth), or use one in configs/ that has it"
+        )
+
+
 # mmdetection's Normalize settings (specs/detectors.md §1.1 step 4).
 PIXEL_NORMS = {
     "pytorch": dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), to_rgb=True),
