@@ -20,12 +20,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.gfl(50), config_lib.coco_data(), lr=0.01)
     config.teacher = config_lib.teacher(config_lib.gfl(101))
-    config.distill = config_lib.distill(
-        dict(
-            crosskd=dict(fn="crosskd", weight=1.0, cls_weight=1.0, reg_weight=4.0, tau=1.0),
-            pkd=dict(fn="pkd", weight=6.0, max_levels=0, group_size=2),
-        ),
-    )
+    config.distill = config_lib.distill_preset("crosskd_pkd_gfl")
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

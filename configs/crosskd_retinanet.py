@@ -29,9 +29,7 @@ def get_config(arg=None):
     config = config_lib.base(config_lib.retinanet(50), config_lib.coco_data(), lr=0.01)
     config.schedule = config_lib.step_schedule(24, (16, 22))
     config.teacher = config_lib.teacher(config_lib.retinanet(101))
-    config.distill = config_lib.distill(
-        dict(crosskd=dict(fn="crosskd", weight=1.0, cls_weight=1.0, reg_weight=1.0)),
-    )
+    config.distill = config_lib.distill_preset("crosskd_retinanet")
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

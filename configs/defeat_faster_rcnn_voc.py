@@ -20,7 +20,7 @@ def get_config(arg=None):
     config = config_lib.voc_faster_rcnn(50, 0.01, args.years)
     config.optimizer.grad_clip = 35.0
     config.teacher = config_lib.teacher(config_lib.voc_faster_rcnn(101, 0.02).model)
-    config.distill = config_lib.defeat_distill("paper" if args.paper else "released")
+    config.distill = config_lib.distill_preset("defeat_paper" if args.paper else "defeat_released")
     if args.runlocal:
         config_lib.shrink_voc_for_runlocal(config)
         for c in config.distill.losses.values():

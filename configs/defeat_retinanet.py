@@ -20,15 +20,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.retinanet(50), config_lib.coco_data(), lr=0.01)
     config.teacher = config_lib.teacher(config_lib.retinanet(101))
-    config.distill = config_lib.defeat_distill("released", group_size=2)
-    config.distill.losses.defeat_dense_kd = dict(
-        fn="defeat_dense_kd",
-        weight=1.0,
-        pos_weight=1.0,
-        neg_weight=1.0,
-        temperature=1.0,
-        group_size=2,
-    )
+    config.distill = config_lib.distill_preset("defeat_retinanet")
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
         for c in config.distill.losses.values():

@@ -55,7 +55,13 @@ def get_config(arg=None):
             student_steps=700,
         )
     )
-    config.distill = config_lib.frs_distill(0.05, 0.05, warmup_steps=100)
+    # FRS with the demo's own weights (the published ones suit full-size COCO models)
+    config.distill = config_lib.distill_preset(
+        "frs_retinanet",
+        warmup_steps=100,
+        frs_feat=dict(weight=0.05),
+        frs_cls=dict(weight=0.05),
+    )
     if args.runlocal:
         for m in (config.demo.teacher, config.demo.student):
             m.width = 0.125

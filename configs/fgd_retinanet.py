@@ -27,17 +27,7 @@ def get_config(arg=None):
     config.schedule = config_lib.step_schedule(24, (16, 22))
     config.optimizer.grad_clip = 35.0
     config.teacher = config_lib.teacher(config_lib.retinanet(101))
-    fgd = dict(
-        fn="fgd",
-        weight=1.0,
-        temp=0.5,
-        alpha_fgd=1e-3,
-        beta_fgd=5e-4,
-        gamma_fgd=5e-4,
-        lambda_fgd=5e-6,
-        count_padding=False,
-    )
-    config.distill = config_lib.distill(dict(fgd=fgd))
+    config.distill = config_lib.distill_preset("fgd_retinanet")
     config.distill.init_from_teacher = True  # the published recipe
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)

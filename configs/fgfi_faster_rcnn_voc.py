@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.model.loss_group_size = 4
     config.optimizer.grad_clip = 35.0
     config.teacher = config_lib.teacher(config_lib.voc_faster_rcnn(101, 0.02).model)
-    config.distill = config_lib.fgfi_distill(group_size=4)
+    config.distill = config_lib.distill_preset("fgfi")
     if args.runlocal:
         config_lib.shrink_voc_for_runlocal(config)
         config.distill.losses.defeat_neck.group_size = 0

@@ -18,7 +18,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.faster_rcnn(50), config_lib.coco_data(), lr=0.02)
     config.teacher = config_lib.teacher(config_lib.faster_rcnn(101))
-    config.distill = config_lib.frs_distill(0.002, 0.1)
+    config.distill = config_lib.distill_preset("frs_faster_rcnn", warmup_steps=500)
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

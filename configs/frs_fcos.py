@@ -20,7 +20,7 @@ def get_config(arg=None):
     config.optimizer = config_lib.fcos_optimizer()
     config.schedule = config_lib.fcos_schedule(24, (16, 22))
     config.teacher = config_lib.teacher(config_lib.fcos(101))
-    config.distill = config_lib.frs_distill(0.01, 0.05)
+    config.distill = config_lib.distill_preset("frs_fcos", warmup_steps=500)
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

@@ -24,9 +24,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.gfl(50), config_lib.coco_data(), lr=0.01)
     config.teacher = config_lib.teacher(config_lib.gfl(101))
-    config.distill = config_lib.distill(
-        dict(ld=dict(fn="ld", weight=0.25, tau=10.0, group_size=2)),
-    )
+    config.distill = config_lib.distill_preset("ld_gfl")
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

@@ -26,15 +26,7 @@ def get_config(arg=None):
     config = config_lib.base(config_lib.gfl(50), config_lib.coco_data(), lr=0.01)
     config.optimizer.grad_clip = 35.0
     config.teacher = config_lib.teacher(config_lib.gfl(101))
-    mgd = dict(
-        fn="mgd",
-        weight=1.0,
-        alpha_mgd=2e-5,
-        lambda_mgd=0.65,
-        mask_on_channel=False,
-        count_padding=False,
-    )
-    config.distill = config_lib.distill(dict(mgd=mgd))
+    config.distill = config_lib.distill_preset("mgd_retinanet")  # no GFL recipe is published
     config.distill.init_from_teacher = True  # the published recipe
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)

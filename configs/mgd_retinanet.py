@@ -27,15 +27,7 @@ def get_config(arg=None):
     config.schedule = config_lib.step_schedule(24, (16, 22))
     config.optimizer.grad_clip = 35.0
     config.teacher = config_lib.teacher(config_lib.retinanet(101))
-    mgd = dict(
-        fn="mgd",
-        weight=1.0,
-        alpha_mgd=2e-5,
-        lambda_mgd=0.65,
-        mask_on_channel=False,
-        count_padding=False,
-    )
-    config.distill = config_lib.distill(dict(mgd=mgd))
+    config.distill = config_lib.distill_preset("mgd_retinanet")
     config.distill.init_from_teacher = True  # the published recipe
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)

@@ -24,9 +24,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, runlocal=False)
     config = config_lib.base(config_lib.retinanet(50), config_lib.coco_data(), lr=0.01)
     config.teacher = config_lib.teacher(config_lib.fcos(101))
-    config.distill = config_lib.distill(
-        dict(pkd=dict(fn="pkd", weight=10.0, max_levels=4, group_size=2))
-    )
+    config.distill = config_lib.distill_preset("pkd_retinanet")  # mmrazor's, for this pair too
     if args.runlocal:
         config_lib.shrink_for_runlocal(config)
     return config

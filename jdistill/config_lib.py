@@ -6,9 +6,13 @@ of flags and key=value pairs, e.g. `configs/frs_retinanet.py:runlocal`.
 
 import os
 
+import jax
 import ml_collections
 
+from jdistill import paths
 from jdistill.distill import registry
+from jdistill.evaluate import coco as coco_eval
+from jdistill.models import detector as detector_lib
 from jdistill.models import faster_rcnn as faster_rcnn_model
 from jdistill.models import fcos as fcos_model
 from jdistill.models import gfl as gfl_model
@@ -256,7 +260,8 @@ def fcos_schedule(epochs=12, milestones=(8, 11)):
 
 def distill(losses, *, warmup_steps=0, decay="none"):
     """A `distill` block: `losses` ({key: {fn, weight, ...}}, each overlaying its distiller's
-    defaults) and the settings every method shares.
+    defaults, as `registry.resolve` lays them; `registry.preset` gives a published recipe's)
+    and the settings every method shares.
 
     - warmup_steps: the terms' weights ramp linearly from 0 over these steps.
     - decay: DeFeat's stage-wise decay ('none', 'linear', 'cos').
@@ -267,10 +272,7 @@ def distill(losses, *, warmup_steps=0, decay="none"):
     """
     # Each block carries its distiller's defaults, so config.json records every setting a run
     # used and the command line can override any of them (it only sets keys that exist).
-    filled = {}
-    for key, block in losses.items():
-        block = dict(block)
-        filled[key] = {"weight": 1.0, **dict(registry.get(block["fn"]).defaults), **block}
+    filled = {key: registry.resolve(block).to_dict() for key, block in losses.items()}
     return ml_collections.ConfigDict(
         dict(
             warmup_steps=warmup_steps,
@@ -284,61 +286,131 @@ def distill(losses, *, warmup_steps=0, decay="none"):
     )
 
 
-def frs_distill(feat_weight, cls_weight, warmup_steps=500):
-    """The FRS loss pair with per-level 3x3 adapters (specs/frs.md)."""
-    return distill(
-        dict(
-            frs_feat=dict(fn="frs_feat", weight=feat_weight, adapter="conv3x3"),
-            frs_cls=dict(fn="frs_cls", weight=cls_weight),
-        ),
-        warmup_steps=warmup_steps,
-    )
-
-
-def defeat_distill(preset="released", group_size=8):
-    """DeFeat on Faster R-CNN (specs/defeat.md, "Decisions for this project").
-
-    'released': the reference config's decoupled neck terms only (fg 3, bg 12, gt masks,
-    DeFeat-init 3x3 adapters, no head term, no decay). 'paper': plus the decoupled proposal KD
-    on the student's sampled RoIs (fg and bg weight 2, temperatures 1 and 1, each read).
-    `group_size`: images per normaliser (the reference's 8 per GPU).
-    """
-    if preset not in ("released", "paper"):
-        raise ValueError(f"DeFeat preset {preset!r}: use 'released' or 'paper'")
-    losses = dict(
-        defeat_neck=dict(
-            fn="defeat_neck",
-            weight=1.0,
-            adapter="defeat3x3",
-            mask="gt",  # 'gt' (DeFeat), 'roi' (FGFI, with roi_phi) or 'all'
-            decoupled=True,
-            fg_weight=3.0,
-            bg_weight=12.0,
-            group_size=group_size,
-            count_padding=False,  # True: padding counts as background, as the reference
-        )
-    )
-    if preset == "paper":
-        losses["defeat_roi_kd"] = dict(
-            fn="defeat_roi_kd",
-            weight=1.0,
-            fg_weight=2.0,
-            bg_weight=2.0,
-            fg_temperature=1.0,
-            bg_temperature=1.0,
-            group_size=group_size,
-        )
-    return distill(losses)
-
-
-def fgfi_distill(group_size=4):
-    """FGFI as the DeFeat reference runs it: RoI-anchor masks (phi 0.5), foreground term only
-    (weight 3, normalised by 2 C N_p), DeFeat-init adapters."""
-    d = defeat_distill("released", group_size)
-    d.losses.defeat_neck.update(mask="roi", roi_phi=0.5, decoupled=False, bg_weight=0.0)
-    return d
+def distill_preset(name, *, warmup_steps=0, decay="none", **overrides):
+    """`distill` over the preset `name` (`registry.preset(name, **overrides)`: the recipe's loss
+    blocks, each in its distiller's module, with {key: {setting: value}} overrides)."""
+    return distill(registry.preset(name, **overrides), warmup_steps=warmup_steps, decay=decay)
 
 
 def teacher(model):
     """A teacher block: its model and the checkpoint to load (`init`, required outside runlocal)."""
     return ml_collections.ConfigDict(dict(model=model, init="", init_skip=()))
+
+
+# ============================================================================ checks
+# What a config alone can get wrong, refused (`ConfigError`) before anything is loaded or
+# compiled. What a student/teacher pair can get wrong is `distill/plan.py: check`.
+
+
+class ConfigError(ValueError):
+    """A config value or flag the run cannot use; the message names the key and the value."""
+
+
+# Integer settings: (key, smallest allowed value, what a value means). Checked before anything
+# is built, since a 0 interval compiles and trains a step before `step % 0` fails, and a 0 batch
+# fails deep inside the mesh code.
+INTEGER_KEYS = (
+    ("batch_size", 1, "images per step over all devices"),
+    ("eval_batch_size", 1, "images per evaluation batch"),
+    ("log_every", 1, "steps between log lines"),
+    ("checkpoint_every", 1, "steps between checkpoints"),
+    ("keep_checkpoints", 1, "checkpoints kept on disk"),
+    ("eval_every", 0, "steps between evaluations; 0: at the end only"),
+    ("eval_max_images", 0, "images evaluated; 0: the whole split"),
+    ("num_vis_images", 0, "images drawn per evaluation"),
+    ("seed", None, "the random seed"),
+    ("schedule.epochs", 1, "epochs of training (milestones are in epochs)"),
+    ("schedule.num_steps", None, "steps of training; 0 or less: `schedule.epochs` epochs"),
+    ("schedule.warmup_steps", 0, "steps of LR warm-up"),
+    ("data.max_boxes", 1, "ground-truth boxes kept per image"),
+    ("data.num_workers", 0, "input threads; 0: read in the training thread"),
+    ("data.prefetch", 0, "batches read ahead"),
+    ("distill.balance_steps", 0, "steps after the warm-up over which the loss balance is measured"),
+)
+# The ones evaluation and prediction read.
+EVAL_INTEGER_KEYS = ("eval_batch_size", "eval_max_images", "num_vis_images")
+
+
+def check_integers(config, keys=None):
+    """Refuses a non-integer or too small value of `keys` (default: every `INTEGER_KEYS` key)."""
+    for key, low, meaning in INTEGER_KEYS:
+        if keys is not None and key not in keys:
+            continue
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            continue  # a config without the key: the code that reads it uses its default
+        if isinstance(node, bool) or not isinstance(node, int):
+            raise ConfigError(f"config.{key}={node!r}: must be an integer ({meaning})")
+        if low is not None and node < low:
+            need = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise ConfigError(f"config.{key}={node!r}: must be {need} ({meaning})")
+
+
+def check_eval(config):
+    """Refuses the settings evaluation (and prediction) cannot use: its integers, a batch that
+    does not split over the devices, an unknown or untrustworthy COCO backend."""
+    check_integers(config, EVAL_INTEGER_KEYS)
+    backend = config.get("eval_backend", "pycocotools")
+    try:
+        coco_eval.check_backend(backend)
+    except ValueError as e:
+        raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
+    if config.eval_batch_size % jax.device_count():
+        raise ConfigError(
+            f"eval_batch_size {config.eval_batch_size} does not split over "
+            f"{jax.device_count()} devices"
+        )
+
+
+def check_models(config):
+    """Refuses a model block that is not its family's (e.g. `family` changed by override)."""
+    blocks = [("model", config.model)]
+    if config.get("teacher"):
+        blocks.append(("teacher.model", config.teacher.model))
+    for where, block in blocks:
+        try:
+            detector_lib.check_block(block, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+def check(config):
+    """Everything a training config alone can get wrong: integers, model blocks, batches that
+    do not split over the devices, the evaluation settings."""
+    check_integers(config)
+    check_models(config)
+    if config.batch_size % jax.device_count():
+        raise ConfigError(
+            f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
+        )
+    check_eval(config)
+    group = config.model.loss_group_size
+    per_device = config.batch_size // jax.device_count()
+    if group and per_device % group and group % per_device:
+        raise ConfigError(
+            f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
+            f"{per_device}"
+        )
+
+
+def check_workdir(workdir):
+    """Creates `workdir` if needed and proves it writable, before anything is loaded.
+
+    A regular file there, or a directory this user cannot write, would otherwise surface as a
+    FileExistsError or PermissionError from wherever the run first writes.
+    """
+    if not workdir:
+        raise ConfigError("--workdir is empty: pass the directory the run writes to")
+    where = paths.path(workdir)
+    if where.exists() and not where.is_dir():
+        raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
+    probe = where / f".write_probe.{jax.process_index()}.{os.getpid()}"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        # Permission bits alone do not say it (root, ACLs, read-only mounts): try a write.
+        probe.write_text("jdistill")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e

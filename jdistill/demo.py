@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from jdistill import paths, train
+from jdistill import config_lib, paths, train
 from jdistill.evaluate import coco as coco_eval
 
 
@@ -53,7 +53,7 @@ def run(config, workdir):
     Each stage is a `train.run`: a preempted stage raises `train.Preempted`, which stops the
     demo there; the same command later resumes that stage (finished ones only re-evaluate).
     """
-    train.check_workdir(workdir)  # the stages' directories sit inside it
+    config_lib.check_workdir(workdir)  # the stages' directories sit inside it
     results = {}
     for name, cfg, wd in stage_configs(config, workdir):
         logging.info("demo: training %s in %s", name, wd)

@@ -21,20 +21,6 @@ from jdistill import checkpoint, optim, parallel
 from jdistill.distill import api, balance, plan, registry
 from jdistill.models import detector as detector_lib
 
-# Batch entries the device needs; the rest (orig_shape, dropped_boxes) stay on the host.
-DEVICE_KEYS = (
-    "image",
-    "boxes",
-    "labels",
-    "box_valid",
-    "img_shape",
-    "pad_shape",
-    "scale_factor",
-    "image_valid",
-    "image_id",
-)
-
-
 # ============================================================================ models
 
 

@@ -13,12 +13,12 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
 from jdistill import (
     checkpoint,
+    config_lib,
     experiment,
     metrics_writer,
     multihost,
@@ -26,17 +26,13 @@ from jdistill import (
     paths,
     stopping,
 )
-from jdistill.data import pipeline, sources
-from jdistill.distill import api, balance, plan
-from jdistill.evaluate import coco as coco_eval
+from jdistill.data import datasets, pipeline
+from jdistill.distill import balance, plan
 from jdistill.evaluate.runner import close_iterator as _close_iterator
-from jdistill.evaluate.runner import evaluate, make_predict, subset
-from jdistill.models import detector as detector_lib
-from jdistill.models import resnet
+from jdistill.evaluate.runner import evaluate, make_predict
 
-
-class ConfigError(ValueError):
-    """A config value or flag the run cannot use; the message names the key and the value."""
+# A config value or flag the run cannot use (config_lib.py); the message names key and value.
+ConfigError = config_lib.ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,147 +55,12 @@ SANE_LOSS_FACTOR = 10.0
 # ============================================================================ config checks
 
 
-# Integer settings: (key, smallest allowed value, what a value means). Checked before anything
-# is built, since a 0 interval compiles and trains a step before `step % 0` fails, and a 0 batch
-# fails deep inside the mesh code.
-_INTEGER_KEYS = (
-    ("batch_size", 1, "images per step over all devices"),
-    ("eval_batch_size", 1, "images per evaluation batch"),
-    ("log_every", 1, "steps between log lines"),
-    ("checkpoint_every", 1, "steps between checkpoints"),
-    ("keep_checkpoints", 1, "checkpoints kept on disk"),
-    ("eval_every", 0, "steps between evaluations; 0: at the end only"),
-    ("eval_max_images", 0, "images evaluated; 0: the whole split"),
-    ("num_vis_images", 0, "images drawn per evaluation"),
-    ("seed", None, "the random seed"),
-    ("schedule.epochs", 1, "epochs of training (milestones are in epochs)"),
-    ("schedule.num_steps", None, "steps of training; 0 or less: `schedule.epochs` epochs"),
-    ("schedule.warmup_steps", 0, "steps of LR warm-up"),
-    ("data.max_boxes", 1, "ground-truth boxes kept per image"),
-    ("data.num_workers", 0, "input threads; 0: read in the training thread"),
-    ("data.prefetch", 0, "batches read ahead"),
-    ("distill.balance_steps", 0, "steps after the warm-up over which the loss balance is measured"),
-)
-
-
-def _check_integers(config):
-    for key, low, meaning in _INTEGER_KEYS:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-        if node is None:
-            continue  # a config without the key: the code that reads it uses its default
-        if isinstance(node, bool) or not isinstance(node, int):
-            raise ConfigError(f"config.{key}={node!r}: must be an integer ({meaning})")
-        if low is not None and node < low:
-            need = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise ConfigError(f"config.{key}={node!r}: must be {need} ({meaning})")
-
-
 def check_config(config):
-    """Refuses inconsistent configs before anything is loaded or compiled (`ConfigError`)."""
-    _check_integers(config)
-    teacher = config.get("teacher")
-    try:
-        detector_lib.check_block(config.model, "model")
-        if teacher:
-            detector_lib.check_block(teacher.model, "teacher.model")
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    try:
-        terms = plan.terms(config)
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from e
-    except TypeError as e:  # a block value of another type than the distiller's default
-        raise ConfigError(f"config.distill.losses: {e}") from e
-    if terms:
-        if not teacher:
-            raise ConfigError("config.distill has losses but config.teacher is not set")
-        # The specs do not depend on the class count: any count builds them.
-        spec = api.Pair(
-            detector_lib.build(config.model, 1).spec,
-            detector_lib.build(teacher.model, 1).spec,
-        )
-        errors = plan.problems(terms, spec)
-        # Distillers normalise per group of images of the global batch (the originals' GPUs).
-        groups = [(f"distill.losses.{t.key}.group_size", t.cfg.get("group_size", 0)) for t in terms]
-        groups.append(("teacher.model.loss_group_size", teacher.model.get("loss_group_size", 0)))
-        for key, g in groups:
-            if g and g < config.batch_size and config.batch_size % g:
-                errors.append(f"config.{key}={g} does not divide batch_size {config.batch_size}")
-        if config.distill.get("init_from_teacher", False):
-            s, t = config.model, teacher.model
-            for what in ("family", "neck_channels", "stacked_convs"):
-                if s.get(what) != t.get(what):
-                    errors.append(
-                        f"distill.init_from_teacher copies the teacher's neck and heads, but "
-                        f"the student's model.{what} {s.get(what)!r} differs from the teacher's "
-                        f"{t.get(what)!r}"
-                    )
-            s_channels = resnet.out_channels(s.get("depth", 50), s.get("width", 1.0))
-            t_channels = resnet.out_channels(t.get("depth", 50), t.get("width", 1.0))
-            if s_channels != t_channels:
-                errors.append(
-                    "distill.init_from_teacher copies the teacher's neck, whose lateral convs "
-                    "take the backbone's channels: the student's backbone (depth "
-                    f"{s.get('depth')}, width {s.get('width')}) gives {list(s_channels)}, "
-                    f"the teacher's (depth {t.get('depth')}, width {t.get('width')}) "
-                    f"{list(t_channels)}"
-                )
-        if errors:
-            raise ConfigError("; ".join(errors))
-        if not teacher.get("init"):
-            if config.runlocal:
-                logging.warning(
-                    "teacher.init is empty: using a RANDOMLY INITIALISED teacher (runlocal only)"
-                )
-            else:
-                raise ConfigError(
-                    "config.teacher.init is empty: a distillation run needs a trained teacher "
-                    "(an orbax checkpoint or a run's workdir); only :runlocal allows a random one"
-                )
-    if config.batch_size % jax.device_count():
-        raise ConfigError(
-            f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
-        )
-    backend = config.get("eval_backend", "pycocotools")
-    try:
-        coco_eval.check_backend(backend)
-    except ValueError as e:
-        raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
-    if config.eval_batch_size % jax.device_count():
-        raise ConfigError(
-            f"eval_batch_size {config.eval_batch_size} does not split over "
-            f"{jax.device_count()} devices"
-        )
-    group = config.model.loss_group_size
-    per_device = config.batch_size // jax.device_count()
-    if group and per_device % group and group % per_device:
-        raise ConfigError(
-            f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
-            f"{per_device}"
-        )
-
-
-def check_workdir(workdir):
-    """Creates `workdir` if needed and proves it writable, before anything is loaded.
-
-    A regular file there, or a directory this user cannot write, would otherwise surface as a
-    FileExistsError or PermissionError from wherever the run first writes.
-    """
-    if not workdir:
-        raise ConfigError("--workdir is empty: pass the directory the run writes to")
-    where = paths.path(workdir)
-    if where.exists() and not where.is_dir():
-        raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
-    probe = where / f".write_probe.{jax.process_index()}.{os.getpid()}"
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        # Permission bits alone do not say it (root, ACLs, read-only mounts): try a write.
-        probe.write_text("jdistill")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
+    """Refuses inconsistent configs before anything is loaded or compiled (`ConfigError`): what
+    the config alone gets wrong (`config_lib.check`), then what its student/teacher pair and
+    distillation terms do (`plan.check`)."""
+    config_lib.check(config)
+    plan.check(config)
 
 
 # ============================================================================ loop
@@ -227,7 +88,7 @@ def run(config, workdir, *, stop_at_step=None):
 
 def _run(config, workdir, stop_at_step, signals):
     check_config(config)
-    check_workdir(workdir)
+    config_lib.check_workdir(workdir)
     mesh = parallel.make_mesh()
     logging.info(
         "mesh: %d devices (%s), %d processes",
@@ -240,21 +101,8 @@ def _run(config, workdir, stop_at_step, signals):
     # A stop before training leaves the workdir as it was (tfds keeps only finished data sets).
     as_it_was = "the workdir is as it was; re-run the same command to go on"
     with signals.phase("preparing the data", as_it_was):
-        train_split = sources.load_split(config.data, config.data.train_split)
-        eval_split = subset(
-            sources.load_split(config.data, config.data.eval_split), config.eval_max_images
-        )
-    sampler = pipeline.TrainSampler(train_split, config.data, config.batch_size, config.seed)
-    logging.info(
-        "data: %d training images (%d steps/epoch of %d), %d eval images, %d classes",
-        sampler.num_images,
-        sampler.steps_per_epoch,
-        config.batch_size,
-        len(eval_split),
-        len(train_split.class_names),
-    )
-    num_classes = len(train_split.class_names)
-    canvas = tuple(config.data.canvases[0])
+        data = datasets.open(config)
+    train_split, eval_split, sampler = data.train, data.eval, data.sampler
 
     # ------------------------------------------------------------------ models, state, step
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
@@ -263,10 +111,10 @@ def _run(config, workdir, stop_at_step, signals):
         exp = experiment.setup(
             config,
             mesh,
-            num_classes=num_classes,
-            canvas=canvas,
+            num_classes=data.num_classes,
+            canvas=tuple(config.data.canvases[0]),
             steps_per_epoch=sampler.steps_per_epoch,
-            class_names=train_split.class_names,
+            class_names=data.class_names,
             load_init=latest is None,
         )
     student, teacher, teacher_vars = exp.student, exp.teacher, exp.teacher_vars
@@ -274,8 +122,8 @@ def _run(config, workdir, stop_at_step, signals):
     total_steps = exp.total_steps
     monitor = balance.Monitor(config, exp.terms)
     meta = {
-        "class_names": list(train_split.class_names),
-        "category_ids": list(train_split.category_ids),
+        "class_names": list(data.class_names),
+        "category_ids": list(data.category_ids),
         "model": config.model.to_dict(),
     }
     data_state = None
@@ -314,7 +162,6 @@ def _run(config, workdir, stop_at_step, signals):
             for r in kept
             if "loss" in r
         ]
-        cat_ids = train_split.category_ids
 
         if teacher is not None and start == 0:
             with signals.phase(
@@ -331,7 +178,7 @@ def _run(config, workdir, stop_at_step, signals):
                     workdir,
                     "teacher_",
                     0,
-                    cat_ids,
+                    data.category_ids,
                 )
             writer.write(0, {f"teacher_eval/{k}": v for k, v in t_metrics.items()})
 
@@ -417,7 +264,7 @@ def _run(config, workdir, stop_at_step, signals):
                 workdir,
                 "",
                 step,
-                cat_ids,
+                data.category_ids,
             )
             writer.write(step, {f"eval/{k}": v for k, v in m.items()})
             return m
@@ -458,7 +305,7 @@ def _run(config, workdir, stop_at_step, signals):
         with signals.phase("training", "", deferred=True):
             for step in range(start, end):
                 local = next(iterator)
-                batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+                batch = datasets.device_batch(local, mesh)
                 state, metrics = train_step(state, teacher_vars, batch)
                 done = step + 1
                 pending.append((done, metrics))

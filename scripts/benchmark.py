@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jdistill import experiment, parallel  # noqa: E402
-from jdistill.data import pipeline, sources  # noqa: E402
+from jdistill.data import datasets, pipeline, sources  # noqa: E402
 from jdistill.distill import plan  # noqa: E402
 from jdistill.evaluate import coco as coco_eval  # noqa: E402
 from jdistill.evaluate import runner  # noqa: E402
@@ -175,7 +175,7 @@ def bench_train(config, batch_size, canvas, num_classes, mesh, steps):
     )
     state, teacher_vars = exp.state, exp.teacher_vars
     local = synthetic_batch(batch_size, canvas, config.data.max_boxes, num_classes)
-    batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+    batch = datasets.device_batch(local, mesh)
     t0 = time.perf_counter()
     compiled = exp.train_step.lower(state, teacher_vars, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -223,7 +223,7 @@ def bench_eval(config, eval_batch, canvas, num_classes, mesh, steps):
         experiment.init_variables(student, canvas, config.seed), parallel.replicated(mesh)
     )
     local = synthetic_batch(eval_batch, canvas, config.data.max_boxes, num_classes, seed=1)
-    batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+    batch = datasets.device_batch(local, mesh)
     predict = jax.jit(runner.make_predict(student, model_cfg))
     t0 = time.perf_counter()
     compiled = predict.lower(variables, batch).compile()

@@ -230,7 +230,7 @@ def main(argv, opts):
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
     workdir = o["workdir"]
-    train.check_workdir(workdir)
+    config_lib.check_workdir(workdir)
     demo = load_config("demo")
     seeds = [int(s) for s in o["seeds"]]
     t0 = time.time()

@@ -321,15 +321,11 @@ def assert_jit_and_bfloat16(fn, s, t, batch, params, metric_names):
 
 
 def distiller_config(name, **overrides):
-    """A distiller's resolved settings, as `plan.terms` builds them: weight 1, its defaults, then
-    `overrides`."""
-    import ml_collections
-
+    """A distiller's resolved settings, as `plan.terms` builds them (`registry.resolve`): weight
+    1, its defaults, then `overrides`."""
     from jdistill.distill import registry
 
-    cfg = ml_collections.ConfigDict({"weight": 1.0, **dict(registry.get(name).defaults)})
-    cfg.update(overrides)
-    return cfg
+    return registry.resolve({"fn": name, **overrides})
 
 
 def pytest_configure(config):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import load_config  # noqa: E402
 
 from jdistill import experiment, parallel  # noqa: E402
-from jdistill.data import pipeline, sources  # noqa: E402
+from jdistill.data import datasets, pipeline, sources  # noqa: E402
 
 
 def one_step(config, mesh, local_batch, split_classes):
@@ -42,7 +42,7 @@ def main():
     split = sources.load_split(config.data, "train")
     sampler = pipeline.TrainSampler(split, config.data, config.batch_size, config.seed)
     local = next(iter(pipeline.train_dataset(split, sampler, config.data, seed=0, num_steps=1)))
-    local = {k: local[k] for k in experiment.DEVICE_KEYS}
+    local = datasets.device_part(local)
     k = len(split.class_names)
     p1, m1 = one_step(config, parallel.make_mesh(jax.devices()[:1]), local, k)
     p8, m8 = one_step(config, parallel.make_mesh(jax.devices()), local, k)

@@ -392,7 +392,10 @@ def test_init_follows_the_original():
 def test_registry_and_check():
     d = registered(fgd, "fgd")
     assert d.init is fgd.init
-    assert {k: d.defaults[k] for k in fgd.PRESETS["gfl"]} == fgd.PRESETS["gfl"]
+    # the original's RetinaNet/GFL numbers are the defaults: those presets change nothing
+    want = dict(temp=0.5, alpha_fgd=1e-3, beta_fgd=5e-4, gamma_fgd=5e-4, lambda_fgd=5e-6)
+    assert {k: d.defaults[k] for k in want} == want
+    assert fgd.PRESETS["fgd_gfl"] == fgd.PRESETS["fgd_retinanet"] == {"fgd": {"fn": "fgd"}}
     assert d.check(_cfg(), _spec(6, 6)) is None
     assert "channels" in d.check(_cfg(), _spec(6, 5))
 
@@ -420,4 +423,4 @@ def test_levels_option_selects_pairs():
     assert "levels" in fgd.check(_cfg(levels=(8, 32)), spec)
     with pytest.raises(ValueError, match="no level"):
         fgd.loss(as_jnp(s), as_jnp(t), batch, params, cfg=_cfg(levels=(32,)), spec=spec)
-    assert fgd.PRESETS["faster_rcnn"]["levels"] == (4, 8, 16, 32)
+    assert fgd.PRESETS["fgd_faster_rcnn"]["fgd"]["levels"] == (4, 8, 16, 32)

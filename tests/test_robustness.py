@@ -23,7 +23,7 @@ from conftest import REPO, cli_env, load_config
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
-from jdistill import checkpoint, main, metrics_writer, stopping, train
+from jdistill import checkpoint, config_lib, main, metrics_writer, stopping, train
 
 
 def override(config, **values):
@@ -99,9 +99,9 @@ def test_a_workdir_that_cannot_hold_the_run_is_refused_before_loading(tmp_path):
     with pytest.raises(train.ConfigError, match=rf"^--workdir={a_file}: exists and is not a dir"):
         train.run(config, str(a_file))  # raises before any data is read or compiled
     with pytest.raises(train.ConfigError, match=rf"^--workdir={a_file}/run: cannot be written"):
-        train.check_workdir(str(a_file / "run"))
+        config_lib.check_workdir(str(a_file / "run"))
     fine = tmp_path / "new" / "run"
-    train.check_workdir(str(fine))
+    config_lib.check_workdir(str(fine))
     assert fine.is_dir() and not list(fine.iterdir())  # created; the probe file is gone
 
 
@@ -112,7 +112,7 @@ def test_a_read_only_workdir_is_refused(tmp_path):
     read_only.chmod(0o500)
     try:
         with pytest.raises(train.ConfigError, match=r"--workdir=.*/ro: cannot be written"):
-            train.check_workdir(str(read_only))
+            config_lib.check_workdir(str(read_only))
     finally:
         read_only.chmod(0o700)
 

@@ -173,3 +173,13 @@ DISTILLERS = {
         check=check_logits,
     ),
 }
+
+# Published CWD recipes, over the defaults (mmrazor's: weight 10 / 5, tau 1, all levels).
+PRESETS = {
+    # pppppM/mmdetection-distiller cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco,
+    # 37.4 -> 40.5 from an X-101 teacher: weight 5 on P3..P6 (`fpn_convs.0-3`).
+    "cwd_retinanet": {"cwd": {"fn": "cwd", "weight": 5.0, "max_levels": 4}},
+    # mmrazor v0.x cwd_cls_head_gfl_r101_fpn_gfl_r50_fpn_1x_coco on `gfl_cls`'s logits,
+    # 40.2 -> 41.9: the defaults (weight 5, tau 1, all five levels).
+    "cwd_gfl": {"cwd_logits": {"fn": "cwd_logits"}},
+}

@@ -148,3 +148,31 @@ DISTILLERS = {
         ),
     ),
 }
+
+# The FRS paper's recipes (Du et al., NeurIPS 2021, Table 1; specs/frs.md), per student family:
+# the two terms' weights only, since the 3x3 adapters are `frs_feat`'s default. The paper also
+# warms the weights up over 500 steps, a `distill` setting the configs pass
+# (`config_lib.distill_preset(..., warmup_steps=500)`).
+PRESETS = {
+    # RetinaNet R101 -> R50 2x: 37.4 -> 39.7 box AP.
+    "frs_retinanet": {
+        "frs_feat": {"fn": "frs_feat", "weight": 0.005},
+        "frs_cls": {"fn": "frs_cls", "weight": 0.02},
+    },
+    # GFL R101 mstrain 2x -> R50 1x, on GFL's joint class-quality logits: 40.2 -> 43.6.
+    "frs_gfl": {
+        "frs_feat": {"fn": "frs_feat", "weight": 0.1},
+        "frs_cls": {"fn": "frs_cls", "weight": 0.05},
+    },
+    # FCOS R101-caffe -> R50-caffe mstrain 2x, on the class logits (centerness unused): 38.5 ->
+    # 40.9.
+    "frs_fcos": {
+        "frs_feat": {"fn": "frs_feat", "weight": 0.01},
+        "frs_cls": {"fn": "frs_cls", "weight": 0.05},
+    },
+    # Faster R-CNN R101 2x -> R50 1x, the mask and class term on the RPN objectness: 37.4 -> 39.5.
+    "frs_faster_rcnn": {
+        "frs_feat": {"fn": "frs_feat", "weight": 0.002},
+        "frs_cls": {"fn": "frs_cls", "weight": 0.1},
+    },
+}

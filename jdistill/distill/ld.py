@@ -137,3 +137,7 @@ DISTILLERS = {
         check=check,
     ),
 }
+
+# mmdetection configs/ld, ld_r50_gflv1_r101_fpn_coco_1x (GFL R101 -> R50, 40.1 -> 41.0): its
+# `loss_ld` (weight 0.25, T 10) over 2 images per GPU, the defaults.
+PRESETS = {"ld_gfl": {"ld": {"fn": "ld"}}}

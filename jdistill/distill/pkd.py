@@ -225,3 +225,13 @@ DISTILLERS = {
         check=check,
     ),
 }
+
+# Published PKD recipes, over the defaults (CrossKD's weight 6, groups of 2 images).
+PRESETS = {
+    # mmrazor's RetinaNet-student rows, pkd_fpn_retina_x101_retina_r50_2x_coco (37.4 -> 40.8)
+    # and pkd_fpn_fcos_x101_retina_r50_1x_coco (36.5 -> 40.3): weight 10 on neck outputs 0-3.
+    "pkd_retinanet": {"pkd": {"fn": "pkd", "weight": 10.0}},
+    # The PKD term of jbwang1997/CrossKD's crosskd+pkd_r50_gflv1_r101-2x-ms_fpn_1x_coco
+    # (`loss_feat_kd=PKDLoss(loss_weight=6)`) on all five levels: its only use on GFL.
+    "pkd_gfl": {"pkd": {"fn": "pkd", "max_levels": 0}},
+}

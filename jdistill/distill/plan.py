@@ -10,8 +10,12 @@ import dataclasses
 
 import jax
 import ml_collections
+from absl import logging
 
+from jdistill import config_lib
 from jdistill.distill import api, registry
+from jdistill.models import detector as detector_lib
+from jdistill.models import resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +37,7 @@ def terms(config):
         return []
     out = []
     for key, block in distill.losses.items():
-        distiller = registry.get(block.fn)
-        cfg = ml_collections.ConfigDict({"weight": 1.0, **dict(distiller.defaults)})
-        cfg.update(block.to_dict())
-        out.append(Term(key, distiller, cfg))
+        out.append(Term(key, registry.get(block.fn), registry.resolve(block)))
     return out
 
 
@@ -137,3 +138,67 @@ def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, f
         metrics.update({f"distill/{term.key}/{k}": v for k, v in extra.items()})
         total = total + contrib
     return total, metrics
+
+
+def check(config):
+    """Refuses a config whose distillation cannot run (`config_lib.ConfigError`, one line): an
+    unregistered or mistyped loss block, a pair of detectors a term cannot read, normalisation
+    groups that do not divide the batch, `init_from_teacher` across shapes, no teacher weights.
+    """
+    teacher = config.get("teacher")
+    try:
+        terms_ = terms(config)
+    except KeyError as e:
+        raise config_lib.ConfigError(e.args[0]) from e
+    except TypeError as e:  # a block value of another type than the distiller's default
+        raise config_lib.ConfigError(f"config.distill.losses: {e}") from e
+    if not terms_:
+        return
+    if not teacher:
+        raise config_lib.ConfigError("config.distill has losses but config.teacher is not set")
+    # The specs do not depend on the class count: any count builds them.
+    spec = api.Pair(
+        detector_lib.build(config.model, 1).spec, detector_lib.build(teacher.model, 1).spec
+    )
+    errors = problems(terms_, spec)
+    # Distillers normalise per group of images of the global batch (the originals' GPUs).
+    groups = [(f"distill.losses.{t.key}.group_size", t.cfg.get("group_size", 0)) for t in terms_]
+    groups.append(("teacher.model.loss_group_size", teacher.model.get("loss_group_size", 0)))
+    for key, g in groups:
+        if g and g < config.batch_size and config.batch_size % g:
+            errors.append(f"config.{key}={g} does not divide batch_size {config.batch_size}")
+    if config.distill.get("init_from_teacher", False):
+        errors += _init_from_teacher_problems(config.model, teacher.model)
+    if errors:
+        raise config_lib.ConfigError("; ".join(errors))
+    if not teacher.get("init"):
+        if not config.runlocal:
+            raise config_lib.ConfigError(
+                "config.teacher.init is empty: a distillation run needs a trained teacher "
+                "(an orbax checkpoint or a run's workdir); only :runlocal allows a random one"
+            )
+        logging.warning(
+            "teacher.init is empty: using a RANDOMLY INITIALISED teacher (runlocal only)"
+        )
+
+
+def _init_from_teacher_problems(s, t):
+    """Why the student's neck and heads (model block `s`) cannot start from the teacher's
+    (`t`): a list of one-line messages."""
+    errors = []
+    for what in ("family", "neck_channels", "stacked_convs"):
+        if s.get(what) != t.get(what):
+            errors.append(
+                f"distill.init_from_teacher copies the teacher's neck and heads, but the "
+                f"student's model.{what} {s.get(what)!r} differs from the teacher's {t.get(what)!r}"
+            )
+    s_channels = resnet.out_channels(s.get("depth", 50), s.get("width", 1.0))
+    t_channels = resnet.out_channels(t.get("depth", 50), t.get("width", 1.0))
+    if s_channels != t_channels:
+        errors.append(
+            "distill.init_from_teacher copies the teacher's neck, whose lateral convs take the "
+            f"backbone's channels: the student's backbone (depth {s.get('depth')}, width "
+            f"{s.get('width')}) gives {list(s_channels)}, the teacher's (depth {t.get('depth')}, "
+            f"width {t.get('width')}) {list(t_channels)}"
+        )
+    return errors

@@ -32,12 +32,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jdistill import experiment, multihost, parallel, paths
-from jdistill.data import decode, pipeline, sources
+from jdistill import multihost, parallel, paths
+from jdistill.config_lib import ConfigError
+from jdistill.data import datasets, decode, pipeline, sources
 from jdistill.evaluate import coco as coco_eval
 from jdistill.evaluate import model, runner, score, visualize
 from jdistill.models import detector as detector_lib
-from jdistill.train import ConfigError
 
 # A folder's files taken as images (compared lower-case); a glob takes every file it matches.
 IMAGE_EXTENSIONS = (
@@ -283,7 +283,7 @@ def predict(config, init, images, out, *, score_thr=0.3, progress_every=100):
     batches = iter(pipeline.eval_dataset(split, config.data, config.eval_batch_size))
     try:
         for local in batches:
-            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+            batch = datasets.device_batch(local, mesh)
             dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
             for r in coco_eval.to_results(
                 dets, dets["image_id"], dets["image_valid"], category_ids

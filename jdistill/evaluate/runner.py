@@ -14,8 +14,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jdistill import experiment, multihost, parallel, paths
-from jdistill.data import pipeline
+from jdistill import experiment, multihost, paths
+from jdistill.data import datasets, pipeline
 from jdistill.evaluate import coco as coco_eval
 from jdistill.evaluate import visualize
 from jdistill.evaluate import voc as voc_eval
@@ -50,7 +50,7 @@ def evaluate(
     batches = iter(pipeline.eval_dataset(split, config.data, config.eval_batch_size))
     try:
         for local in batches:
-            batch = parallel.global_batch({k: local[k] for k in experiment.DEVICE_KEYS}, mesh)
+            batch = datasets.device_batch(local, mesh)
             dets = multihost_utils.process_allgather(predict_fn(variables, batch), tiled=True)
             results += coco_eval.to_results(
                 dets, dets["image_id"], dets["image_valid"], category_ids

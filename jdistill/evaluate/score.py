@@ -18,34 +18,17 @@ import os
 import jax
 from absl import logging
 
-from jdistill import parallel, paths
-from jdistill.data import sources
-from jdistill.evaluate import coco as coco_eval
+from jdistill import config_lib, parallel, paths
+from jdistill.config_lib import ConfigError
+from jdistill.data import datasets
 from jdistill.evaluate import model, runner
 from jdistill.models import detector as detector_lib
-from jdistill.train import ConfigError
-
-# The integer settings evaluation reads: (key, smallest allowed value).
-_INTEGER_KEYS = (("eval_batch_size", 1), ("eval_max_images", 0), ("num_vis_images", 0))
 
 
 def check_config(config):
     """Refuses the settings evaluation (and prediction) cannot use, before anything is loaded."""
-    for key, low in _INTEGER_KEYS:
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"config.{key}={value!r}: must be an integer >= {low}")
-    if config.eval_batch_size % jax.device_count():
-        raise ConfigError(
-            f"eval_batch_size {config.eval_batch_size} does not split over "
-            f"{jax.device_count()} devices"
-        )
-    backend = config.get("eval_backend", "pycocotools")
-    if backend != "pycocotools":
-        try:
-            coco_eval.check_backend(backend)
-        except ValueError as e:
-            raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
+    config_lib.check_eval(config)
+    config_lib.check_models(config)
 
 
 def locate(init, out=""):
@@ -126,9 +109,7 @@ def score(config, init="", out="", *, teacher=False):
     out, _ = locate(init, out)
     ckpt = model.read(init)  # a missing or damaged checkpoint fails here, before the data
     mesh = parallel.make_mesh()
-    split = runner.subset(
-        sources.load_split(config.data, config.data.eval_split), config.eval_max_images
-    )
+    split = datasets.open(config, train=False).eval
     names = tuple(split.class_names)
     if ckpt.class_names is not None and ckpt.class_names != names:
         raise ValueError(
