@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import load_config  # noqa: E402
+from helpers.paths import load_config  # noqa: E402
 
 from jdistill import experiment, parallel  # noqa: E402
 from jdistill.data import datasets, pipeline, sources  # noqa: E402

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env
+from helpers.paths import REPO, cli_env
 
 
 def _run(args, timeout=120):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env
+from helpers.paths import REPO, cli_env
 
 
 def run_benchmark(*args, timeout=300):

@@ -39,7 +39,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crafted_batch, load_config
+from helpers.batches import crafted_batch
+from helpers.paths import load_config
 
 from jdistill.distill import adapters as adapter_lib
 from jdistill.distill import api, plan

@@ -4,7 +4,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 
 from jdistill import train
 from jdistill.distill import plan

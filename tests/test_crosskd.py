@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import crafted_batch, distiller_config, load_config
+from helpers.batches import crafted_batch
+from helpers.distill import distiller_config
+from helpers.paths import load_config
 
 from jdistill import train
 from jdistill.distill import api, crosskd, plan, registry

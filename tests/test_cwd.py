@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import batch_of, det_spec, nchw_maps, padded_maps, registered, to_taps
+from helpers.batches import batch_of
+from helpers.distill import det_spec, nchw_maps, padded_maps, registered, to_taps
 
 from jdistill.distill import api, cwd, registry
 

@@ -3,7 +3,7 @@ import json
 import ml_collections
 import numpy as np
 import pytest
-from conftest import shared_data
+from helpers.paths import shared_data
 
 from jdistill.data import pipeline, sources
 from jdistill.data.builders import coco_folder, synthetic_shapes

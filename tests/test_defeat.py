@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import spec_pair
+from helpers.distill import spec_pair
 
 from jdistill.distill import defeat, registry
 

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, load_config, shared_data
+from helpers.paths import REPO, cli_env, load_config, shared_data
 
 from jdistill import checkpoint, config_lib, demo, train
 

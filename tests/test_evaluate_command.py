@@ -11,7 +11,7 @@ import sys
 
 import jax
 import pytest
-from conftest import REPO, cli_env, load_config
+from helpers.paths import REPO, cli_env, load_config
 
 from jdistill import experiment, train
 from jdistill.convert import mmdet

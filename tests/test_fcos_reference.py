@@ -3,7 +3,7 @@ images, num_pos and the centerness sum reduce_mean'd, gradients averaged over GP
 
 import jax.numpy as jnp
 import numpy as np
-from conftest import crafted_batch
+from helpers.batches import crafted_batch
 from test_gfl_reference import LEVELS, STRIDES, aligned_iou, bce, sigmoid
 
 from jdistill import config_lib

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from conftest import spec_pair
+from helpers.distill import spec_pair
 
 from jdistill.distill import adapters, frs, registry
 

@@ -4,7 +4,7 @@ GPU of 2 images, reduce_mean'd normalisers, gradients averaged over GPUs)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crafted_batch
+from helpers.batches import crafted_batch
 from test_atss import np_atss
 
 from jdistill import config_lib

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 
 TPU = "scripts/launch_tpu_pod.sh"
 SLURM = "scripts/slurm_multinode.sbatch"

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 from absl import logging as absl_logging
-from conftest import REPO, cli_env, load_config
+from helpers.paths import REPO, cli_env, load_config
 
 from jdistill import logs
 

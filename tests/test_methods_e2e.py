@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_config
+from helpers.paths import load_config
 
 from jdistill import train
 from jdistill.distill import api, plan, registry

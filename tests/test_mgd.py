@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import (
+from helpers.distill import (
     as_jnp,
     assert_gradients,
     assert_jit_and_bfloat16,

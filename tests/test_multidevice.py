@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env, shared_data
+from helpers.paths import REPO, cli_env, shared_data
 
 
 @pytest.mark.slow

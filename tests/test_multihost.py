@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, shared_data
+from helpers.paths import REPO, cli_env, shared_data
 
 pytestmark = pytest.mark.slow
 

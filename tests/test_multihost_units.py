@@ -41,7 +41,7 @@ def test_the_cli_reads_the_multihost_environment_and_names_a_bad_value(tmp_path)
     import subprocess
     import sys
 
-    from conftest import REPO, cli_env
+    from helpers.paths import REPO, cli_env
 
     env = cli_env(JDISTILL_MULTIHOST="1", JDISTILL_NUM_PROCESSES="two", JAX_PLATFORMS="cpu")
     cmd = [

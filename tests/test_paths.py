@@ -5,7 +5,7 @@ import ast
 import json
 
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 
 from jdistill import paths
 

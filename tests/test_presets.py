@@ -6,7 +6,7 @@ import types
 
 import ml_collections
 import pytest
-from conftest import REPO, load_config
+from helpers.paths import REPO, load_config
 
 from jdistill.distill import plan, registry
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
-from conftest import REPO, cli_env, shared_data
+from helpers.paths import REPO, cli_env, shared_data
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -408,7 +408,7 @@ def test_a_backend_that_disagrees_is_refused(monkeypatch):
 
 @pytest.mark.slow
 def test_messy_coco_trains_and_its_map_is_pycocotools_on_the_raw_json(tmp_path, caplog_absl):
-    from conftest import load_config
+    from helpers.paths import load_config
 
     from jdistill import train
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crafted_batch
+from helpers.batches import crafted_batch
 
 from jdistill import config_lib
 from jdistill.models import detector as detector_lib

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, load_config
+from helpers.paths import REPO, cli_env, load_config
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 

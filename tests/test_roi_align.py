@@ -111,7 +111,7 @@ def test_fixed_grid_against_adaptive_sampling_on_real_feature_maps():
 
     The relative L2 difference is printed (the number reported in the issue note) and bounded.
     """
-    from conftest import shared_data
+    from helpers.paths import shared_data
     from PIL import Image
 
     from jdistill import config_lib

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, cli_env
+from helpers.paths import REPO, cli_env
 
 from jdistill import stopping
 

@@ -4,7 +4,7 @@ tfds voc/2007 + voc/2012 builders through `tfds.testing.mock_data`."""
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import shared_data
+from helpers.paths import shared_data
 from PIL import Image
 
 from jdistill import config_lib

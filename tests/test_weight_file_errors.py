@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, load_config
+from helpers.paths import REPO, cli_env, load_config
 
 torch = pytest.importorskip("torch", reason="reading .pth files needs the [convert] extra")
 
