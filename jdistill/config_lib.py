@@ -1,4 +1,5 @@
-"""Shared config blocks (model, data, optimizer, schedule) and `parse_arg`.
+"""Shared config blocks (model, data, optimizer, schedule), `parse_arg`, and the checks of what a
+config alone can get wrong (the command lines' flag parser is `cli_flags.py`).
 
 Configs are ml_collections files with `get_config(arg=None)`; `arg` is a comma-separated list
 of flags and key=value pairs, e.g. `configs/frs_retinanet.py:runlocal`.
@@ -356,7 +357,7 @@ def check_eval(config):
     try:
         coco_eval.check_backend(backend)
     except ValueError as e:
-        raise ConfigError(f"config.eval_backend={backend!r}: {e}") from e
+        raise ConfigError(str(e)) from e  # the message names the key
     if config.eval_batch_size % jax.device_count():
         raise ConfigError(
             f"eval_batch_size {config.eval_batch_size} does not split over "
@@ -376,11 +377,53 @@ def check_models(config):
             raise ConfigError(str(e)) from e
 
 
+# The data block's settings with a fixed set of values: (key, the values, what they mean).
+_DATA_CHOICES = (
+    ("multiscale_mode", ("value", "range"), "one of data.scales, or uniform between them"),
+    ("scale_per", ("batch", "image"), "one scale per global batch, or per image"),
+)
+
+
+def check_data(data):
+    """Refuses a `data` block the pipeline cannot use: scales or canvases that are not a
+    non-empty tuple of (int, int) pairs (an empty one failed as `max() arg is an empty
+    sequence`), an unknown multiscale_mode or scale_per (silently read as the default), a
+    flip_ratio outside [0, 1]."""
+    for key, meaning, example in (
+        ("scales", "(long_max, short_max) per training scale", "((1333, 800),)"),
+        ("canvases", "(H, W) of the fixed input shapes", "((800, 1344), (1344, 800))"),
+    ):
+        value = data.get(key)
+        if value is None:
+            continue
+        pairs = isinstance(value, tuple | list) and len(value) > 0
+        for pair in value if pairs else ():
+            pairs = pairs and isinstance(pair, tuple | list) and len(pair) == 2
+            pairs = pairs and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            pairs = pairs and min(pair) > 0
+        if not pairs:
+            raise ConfigError(
+                f"config.data.{key}={value!r}: must be one or more pairs of positive integers "
+                f"({meaning}), e.g. --config.data.{key}='{example}'"
+            )
+    for key, allowed, meaning in _DATA_CHOICES:
+        value = data.get(key)
+        if value is not None and value not in allowed:
+            raise ConfigError(
+                f"config.data.{key}={value!r}: use {' or '.join(map(repr, allowed))} ({meaning})"
+            )
+    flip = data.get("flip_ratio")
+    if flip is not None and not (isinstance(flip, int | float) and 0 <= flip <= 1):
+        raise ConfigError(f"config.data.flip_ratio={flip!r}: a probability, from 0 to 1")
+
+
 def check(config):
-    """Everything a training config alone can get wrong: integers, model blocks, batches that
-    do not split over the devices, the evaluation settings."""
+    """Everything a training config alone can get wrong: integers, model blocks, the data
+    block, batches that do not split over the devices, the evaluation settings."""
     check_integers(config)
     check_models(config)
+    check_paths(config)
+    check_data(config.data)
     if config.batch_size % jax.device_count():
         raise ConfigError(
             f"batch_size {config.batch_size} does not split over {jax.device_count()} devices"
@@ -393,6 +436,17 @@ def check(config):
             f"model.loss_group_size {group} must divide or be a multiple of the per-device batch "
             f"{per_device}"
         )
+
+
+def check_paths(config):
+    """Refuses an `init` or `teacher.init` that names nothing, before the data is prepared and
+    the models built (what is there is read, and judged, when the run loads it)."""
+    named = [("init", config.get("init"))]
+    if config.get("teacher"):
+        named.append(("teacher.init", config.teacher.get("init")))
+    for key, value in named:
+        if value and not paths.path(value).exists():
+            raise ConfigError(f"config.{key}={value!r}: no such file or folder")
 
 
 def check_workdir(workdir):
@@ -414,3 +468,39 @@ def check_workdir(workdir):
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror or e})") from e
+
+
+def check_output(out, flag="--out", *, folder=False, overwrite=False):
+    """Refuses an output path a command could not write, before it reads or computes anything.
+
+    Args:
+      out: the path (local or remote).
+      flag: how the command line names it.
+      folder: the output is a folder (an orbax checkpoint), else one file.
+      overwrite: an existing file may be replaced (a report); never a non-empty folder.
+    Raises:
+      ConfigError naming the flag and the cause: empty, a folder where a file goes (or the
+      reverse), an existing output, or a parent folder that is missing or cannot be written.
+    """
+    if not out:
+        raise ConfigError(f"{flag} is empty: name the {'folder' if folder else 'file'} to write")
+    where = paths.path(out)
+    if where.is_dir():
+        if not folder:
+            raise ConfigError(f"{flag}={out}: is a folder; name the file to write in it")
+        if any(where.iterdir()):
+            raise ConfigError(f"{flag}={out}: exists and is not empty; refusing to overwrite it")
+    elif where.exists():
+        if folder:
+            raise ConfigError(f"{flag}={out}: is a file; name a new or empty folder")
+        if not overwrite:
+            raise ConfigError(f"{flag}={out}: exists; refusing to overwrite it")
+    parent = where.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag}={out}: the folder {parent} does not exist")
+    probe = parent / f".write_probe.{os.getpid()}"
+    try:  # permission bits alone do not say it (root, ACLs, read-only mounts): try a write
+        probe.write_text("jdistill")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag}={out}: cannot write in {parent} ({e.strerror or e})") from e

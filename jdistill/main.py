@@ -9,12 +9,11 @@ user's to fix (a bug) log their traceback above it, the others log it with --ver
 """
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jdistill import exits, logs
+from jdistill import cli_flags, exits, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything.")
@@ -152,29 +151,8 @@ def report(e):
 _exit = exits.exit_process
 
 
-def _parse_flags(argv):
-    """Parses flags; a bad flag or misspelt `--config.key` is a one-line error, exit code 2.
-
-    Overrides are applied while parsing, so this runs before anything is loaded or compiled.
-    """
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {_one_line(e, argv)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
-def _one_line(e, argv):
-    msg = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    if isinstance(e, AttributeError | KeyError):
-        key = lines[0].strip("'\"")
-        hint = " ".join(lines[1:]).rstrip("'\"")
-        where = [a for a in argv if a.startswith("--config.") and key in a]
-        flag = where[0] if where else "--config"
-        return f"{flag}: the config has no key {key!r}. {hint}".strip()
-    # A config file that fails to load reports its own traceback; its last line is the cause.
-    return lines[-1] if lines else type(e).__name__
+# A bad flag, config file or `--config.key` override: one `error:` line, exit 2 (cli_flags.py).
+_parse_flags = cli_flags.parse_flags
 
 
 def run_cli(argv=None):

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ml_collections  # noqa: E402
 
-from jdistill import config_lib, exits, paths, train  # noqa: E402
+from jdistill import cli_flags, config_lib, exits, paths, train  # noqa: E402
 from jdistill import demo as demo_lib  # noqa: E402
 from jdistill.distill import registry  # noqa: E402
 
@@ -220,24 +220,40 @@ def run_seconds(workdir, steps):
     return end - os.path.getmtime(os.path.join(workdir, "config.json"))
 
 
+def check_options(o):
+    """Refuses a flag value the comparison cannot use (ValueError naming the flag); returns the
+    seeds as integers."""
+    unknown = sorted(set(o["methods"]) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown methods {unknown}; known: {sorted(METHODS)}")
+    try:
+        seeds = [int(s) for s in o["seeds"]]
+    except ValueError:
+        raise ValueError(f"--seeds={','.join(o['seeds'])}: must be integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds is empty: give at least one seed, e.g. 0,1,2")
+    if o["steps"] < 1:  # 0 would mean the config's epochs (12 of them), not no training
+        raise ValueError(f"--steps={o['steps']}: must be a positive number of training steps")
+    if o["warmup"] < 0:
+        raise ValueError(f"--warmup={o['warmup']}: must be 0 or more steps")
+    return seeds
+
+
 def main(argv, opts):
     del argv
     o = {k: flag.value for k, flag in opts.items()}
     from jdistill import logs  # noqa: PLC0415 (see define_flags)
 
     logs.setup(o.get("log_all", False))  # the console: our lines, everyone's warnings
-    unknown = sorted(set(o["methods"]) - set(METHODS))
-    if unknown:
-        raise app.UsageError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    seeds = check_options(o)  # every flag before the workdir is created
     workdir = o["workdir"]
     config_lib.check_workdir(workdir)
     demo = load_config("demo")
-    seeds = [int(s) for s in o["seeds"]]
     t0 = time.time()
     _, t_cfg, teacher_dir = demo_lib.stage_configs(demo, workdir)[0]  # the demo's teacher run
-    teacher = finished_metrics(teacher_dir, t_cfg.schedule.num_steps) or train.run(
-        t_cfg, teacher_dir
-    )
+    teacher = finished_metrics(teacher_dir, t_cfg.schedule.num_steps)
+    if teacher is None and not o["finished_only"]:
+        teacher = train.run(t_cfg, teacher_dir)
     results = {}
     for label, method, auto in runs(o["methods"], o["balance"]):
         for seed in seeds:
@@ -284,8 +300,6 @@ def cli(argv, opts):
     try:
         main(argv, opts)
         code = exits.EXIT_OK
-    except app.UsageError:
-        raise  # absl prints it with the usage, exit 1
     except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
         code = exits.report(e)
     exits.exit_process(code)
@@ -294,4 +308,4 @@ def cli(argv, opts):
 if __name__ == "__main__":
     FLAGS = define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(lambda argv: cli(argv, FLAGS))
+    app.run(lambda argv: cli(argv, FLAGS), flags_parser=cli_flags.parse_flags)

@@ -7,6 +7,10 @@ The config's `model` block defines the architecture (use the teacher's own confi
 `--teacher` to convert the `teacher` block of a distillation config). Class names come from the
 checkpoint's meta (`CLASSES`), or from `--config.data` if it has none. Strict: every missing,
 unexpected or mis-shaped key is listed in one error; `--skip` regexes relax named keys.
+
+Any failure ends stderr with one line, `error: <cause>` (exit 1; 2 for a bad flag or config),
+and a missing --src or an --out that exists or cannot be written is refused before anything is
+read.
 """
 
 import sys
@@ -14,6 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdistill import cli_flags, config_lib, exits, logs, paths
 from jdistill.convert import mmdet, tools
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "jdistill config.", lock_config=True)
@@ -25,13 +30,41 @@ flags.mark_flags_as_required(["config", "src", "out"])
 
 
 def main(argv):
-    del argv
-    config = _CONFIG.value
-    model_cfg = config.teacher.model if _TEACHER.value else config.model
+    """Converts and ends the process: 0, or one line `error: <cause>` and 1."""
+    del argv  # `cli_flags.parse_flags` refused any positional argument
+    logs.setup()  # orbax's INFO lines only with --log_all
     try:
-        tools.convert(model_cfg, _SRC.value, _OUT.value, tuple(_SKIP.value))
+        _convert()
+        code = exits.EXIT_OK
     except (mmdet.ConversionError, ValueError, OSError) as e:  # the user's to fix: no traceback
-        sys.exit(_report(e))
+        code = _report(e)
+    except KeyboardInterrupt:  # exits.report's message is about resuming a training run
+        print("error: interrupted by SIGINT before the conversion finished", file=sys.stderr)
+        code = exits.EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 (anything else: its traceback, then one line)
+        code = exits.report(e)
+    exits.exit_process(code)
+
+
+def _convert():
+    config = _CONFIG.value
+    if _TEACHER.value and not config.get("teacher"):
+        raise config_lib.ConfigError(
+            f"--teacher: {config_flags.get_config_filename(flags.FLAGS['config'])} has no "
+            "teacher block (not a distillation config); drop --teacher to convert its model"
+        )
+    model_cfg = config.teacher.model if _TEACHER.value else config.model
+    # The cheap checks first: reading and converting a large .pth takes a while.
+    src = paths.path(_SRC.value) if _SRC.value else None
+    if src is None or not src.exists():
+        raise FileNotFoundError(f"--src={_SRC.value}: no such file")
+    if src.is_dir():
+        raise config_lib.ConfigError(
+            f"--src={_SRC.value}: is a folder; name the .pth or .safetensors file (an orbax "
+            "checkpoint needs no conversion: teacher.init reads it)"
+        )
+    config_lib.check_output(_OUT.value, folder=True)
+    tools.convert(model_cfg, _SRC.value, _OUT.value, tuple(_SKIP.value))
     print(f"wrote {_OUT.value}")
 
 
@@ -48,4 +81,4 @@ def _report(e):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse_flags)

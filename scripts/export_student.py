@@ -10,15 +10,16 @@ mmdetection without key warnings. `orbax` writes a checkpoint that `teacher.init
 loads.
 
 Without --step the newest step that restores is exported (a damaged newer step is skipped with a
-warning). Any error (a damaged or missing checkpoint, an existing --out) is one `error: ...` line
-on stderr and exit status 1.
+warning). Any error (a bad flag, a damaged or missing checkpoint, an --out that exists or cannot
+be written) is one `error: ...` line on stderr and exit status 1 (2 for a bad flag); an --out
+that cannot be written is refused before the checkpoint is read.
 """
 
 import sys
 
 from absl import app, flags
 
-from jdistill import checkpoint
+from jdistill import checkpoint, cli_flags, config_lib, exits, logs
 from jdistill.convert import mmdet, tools
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -29,18 +30,37 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
-    del argv
+    """Exports and ends the process: 0, or one line `error: <cause>` and 1."""
+    del argv  # `cli_flags.parse_flags` refused any positional argument
+    logs.setup()  # orbax's INFO lines only with --log_all
     try:
-        tools.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
-    except (  # the first two are ValueErrors too: named for the reader
+        _export()
+        code = exits.EXIT_OK
+    except (  # the user's to fix: the message alone, on one line
         checkpoint.CheckpointError,
         mmdet.ConversionError,
+        config_lib.ConfigError,
         FileNotFoundError,
         FileExistsError,
         ValueError,
     ) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        code = exits.EXIT_ERROR
+    except KeyboardInterrupt:  # exits.report's message is about resuming a training run
+        print("error: interrupted by SIGINT before the export finished", file=sys.stderr)
+        code = exits.EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 (anything else: its traceback, then one line)
+        code = exits.report(e)
+    exits.exit_process(code)
+
+
+def _export():
+    if _STEP.value is not None and _STEP.value < 0:
+        raise config_lib.ConfigError(f"--step={_STEP.value}: a step is 0 or more")
+    # Before the checkpoint is read: a folder or an unwritable place for a .pth used to fail
+    # at the final rename, after the whole export, leaving the temporary file behind.
+    config_lib.check_output(_OUT.value, folder=_FORMAT.value == "orbax")
+    tools.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
     print(f"wrote {_OUT.value}")
 
 
@@ -53,4 +73,4 @@ def one_line(exc):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse_flags)

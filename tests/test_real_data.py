@@ -385,7 +385,7 @@ def test_faster_coco_eval_backend_equals_pycocotools(tmp_path):
     want, _ = coco_eval.evaluate(gt, results)
     got, _ = coco_eval.evaluate(gt, results, backend="faster_coco_eval")
     assert got == want
-    with pytest.raises(ValueError, match="eval.backend='detectron'"):
+    with pytest.raises(ValueError, match="config.eval_backend='detectron': unknown"):
         coco_eval.evaluate(gt, results, backend="detectron")
 
 

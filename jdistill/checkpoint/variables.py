@@ -96,7 +96,7 @@ def load_model_variables(path):
     if paths.path(path, "checkpoints").is_dir():
         path = os.path.join(path, "checkpoints")
     if not paths.path(path).is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(_not_found(path))
     name = os.path.basename(path)
     if layout.STEP_NAME.match(name) or TMP_MARKER in name or paths.path(path, "state").is_dir():
         if not layout.STEP_NAME.match(name):
@@ -141,6 +141,33 @@ def load_model_variables(path):
             "checkpoint %s cannot be restored (%s); reading step %d instead", folder, why, step
         )
     return out
+
+
+def _not_found(path):
+    """'no checkpoint at <path>' and what lies there instead: the steps of the folder above (a
+    mistyped step, a workdir named one level too deep), or the part of the path that is missing
+    or is a file (a workdir typed wrong)."""
+    where = paths.path(path)
+    head = f"no checkpoint at {path}"
+    if where.exists():
+        return (
+            f"{head}: it is a file, not a checkpoint folder (weights files end in .pth or "
+            ".safetensors)"
+        )
+    parent = where.parent
+    if parent.is_dir():
+        steps = sorted(
+            int(c.name) for c in parent.iterdir() if layout.STEP_NAME.match(c.name) and c.is_dir()
+        )
+        if steps:
+            return f"{head}: {parent} holds steps {steps}"
+        return f"{head}: {parent} holds no step folders (is it a training run's workdir?)"
+    child, above = where, parent
+    while not above.exists() and above.parent != above:
+        child, above = above, above.parent
+    if above.exists() and not above.is_dir():
+        return f"{head}: {above} is a file"
+    return f"{head}: {child} does not exist"
 
 
 def _on_one_device(folder):

@@ -563,12 +563,18 @@ def write_pth(path, state_dict, meta):
     """Writes {'meta': meta, 'state_dict': tensors} as mmdetection saves checkpoints."""
     import torch  # noqa: PLC0415
 
+    # A copy: arrays restored from a checkpoint are read-only, which torch warns about (and a
+    # tensor sharing their memory could write into them).
     sd = collections.OrderedDict(
-        (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items()
+        (k, torch.from_numpy(np.array(v, order="C"))) for k, v in state_dict.items()
     )
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"meta": meta, "state_dict": sd}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"meta": meta, "state_dict": sd}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a failed save or rename leaves no partial file behind
+            os.remove(tmp)
 
 
 def write_orbax(directory, variables, meta):

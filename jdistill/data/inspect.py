@@ -11,17 +11,16 @@ writes a PNG grid of a few training images with their boxes drawn.
 """
 
 import collections
-import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jdistill import logs
+from jdistill import cli_flags, config_lib, exits, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "data_report.png", "The PNG grid of images with their boxes.")
-_NUM = flags.DEFINE_integer("num_images", 8, "Images in the PNG grid.")
+_NUM = flags.DEFINE_integer("num_images", 8, "Images in the PNG grid (0: no grid).")
 flags.mark_flags_as_required(["config"])
 
 FIRST = 3  # files named per kind of problem
@@ -109,24 +108,38 @@ def draw(split, n, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    """Runs the report and ends the process: 0, or one line `error: <cause>` and 1."""
+    del argv  # `cli_flags.parse_flags` refused any positional argument
+    try:
+        _report()
+        code = exits.EXIT_OK
+    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
+        code = exits.report(e)
+    exits.exit_process(code)
+
+
+def _report():
     logs.setup()  # tfds's progress bars and INFO lines only with --log_all
     from jdistill.data import sources  # noqa: PLC0415
 
+    # The cheap checks first: a bad --out or --num_images is refused before any preparation.
+    if _NUM.value < 0:
+        raise config_lib.ConfigError(f"--num_images={_NUM.value}: must be 0 or more")
+    if _NUM.value:
+        config_lib.check_output(_OUT.value, overwrite=True)
     data_cfg = _CONFIG.value.data
-    try:
-        train = sources.load_split(data_cfg, data_cfg.train_split)
-        splits = [train, sources.load_split(data_cfg, data_cfg.eval_split)]
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    config_lib.check_data(data_cfg)
+    train = sources.load_split(data_cfg, data_cfg.train_split)
+    splits = [train, sources.load_split(data_cfg, data_cfg.eval_split)]
     print(f"data set: builder {data_cfg.builder!r}, {len(train.class_names)} classes")
     for s in splits:
         print(format_report(split_report(s, data_cfg)))
+    if not _NUM.value:
+        print("no image grid written (--num_images=0)")
+        return
     draw(train, _NUM.value, _OUT.value)
     print(f"wrote {_OUT.value}: {min(_NUM.value, len(train))} training images with their boxes")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse_flags)

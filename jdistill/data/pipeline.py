@@ -24,8 +24,17 @@ from jdistill.data import sources, transforms
 
 def canvas_of(h, w, data_cfg):
     """The canvas an h x w original image goes to at the largest configured scale."""
-    nh, nw, _ = transforms.rescale_size(h, w, test_scale(data_cfg))
-    return transforms.choose_canvas(nh, nw, [tuple(c) for c in data_cfg.canvases])
+    scale = test_scale(data_cfg)
+    nh, nw, _ = transforms.rescale_size(h, w, scale)
+    canvases = [tuple(c) for c in data_cfg.canvases]
+    try:
+        return transforms.choose_canvas(nh, nw, canvases)
+    except ValueError:  # the config's two keys disagree: name them, not the helper's arguments
+        raise ValueError(
+            f"data.canvases={canvases}: none holds a {h}x{w} (H x W) image, resized to "
+            f"{nh}x{nw} at the largest of data.scales, {scale}; add a canvas of at least "
+            f"{nh}x{nw} or lower data.scales"
+        ) from None
 
 
 def test_scale(data_cfg):

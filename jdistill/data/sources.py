@@ -13,6 +13,7 @@ The pipeline that samples, transforms and batches these sources is `data/pipelin
 
 import dataclasses
 import io
+import json
 import os
 
 import jax
@@ -132,6 +133,14 @@ def get_builder(data_cfg):
     name = data_cfg.builder
     strict = bool(data_cfg.get("strict_images", False))
     if name == "synthetic_shapes":
+        if data_cfg.get("root"):
+            # :runlocal picks synthetic_shapes when its config has no root, before the command
+            # line's overrides are applied: a root given there would be silently ignored.
+            raise ValueError(
+                f"data.root={data_cfg.root!r} is set, but data.builder='synthetic_shapes' "
+                "(what :runlocal uses for a config without a root) reads no folder; add "
+                "--config.data.builder=coco_folder (or voc_folder) to use it"
+            )
         return synthetic_shapes.SyntheticShapes(data_dir=data_dir)
     if name in ("coco_folder", "voc_folder") and not data_cfg.get("root"):
         raise ValueError(f"data.builder={name!r} needs data.root (a COCO or VOCdevkit folder)")
@@ -149,6 +158,31 @@ def get_builder(data_cfg):
         f"unknown data.builder {name!r}; use 'synthetic_shapes', 'coco_folder', 'voc_folder', "
         "'tfds_voc' or 'tfds_coco'"
     )
+
+
+def _check_sources_unchanged(builder):
+    """Refuses a prepared folder data set whose annotation files changed since it was prepared.
+
+    tfds finds a prepared data set by its name alone (the folder's path), so fixing a box the
+    data report named and running again used to report and train on the old annotations
+    without a word. The hashes of the files it was prepared from are kept beside it (written
+    the first time, for data sets prepared before this check too).
+    """
+    if not hasattr(builder, "source_digests"):
+        return  # synthetic or official data: nothing on the user's disk to go stale
+    current = builder.source_digests()
+    stamp = paths.path(builder.data_dir, "jdistill_source_digests.json")
+    if not stamp.exists():
+        paths.write_json(stamp, current)
+        return
+    stored = json.loads(stamp.read_text())
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} under {builder.info.metadata.get('root', 'data.root')} "
+            f"changed since the data set was prepared from them into {builder.data_dir}: "
+            "delete that folder to prepare it again from the files as they are now"
+        )
 
 
 def _read_meta(builder, split):
@@ -278,6 +312,7 @@ def load_split(data_cfg, split):
     # One process prepares; on a pod the others wait for it, then find the data ready.
     if jax.process_index() == 0:
         builder.download_and_prepare(file_format="array_record")
+        _check_sources_unchanged(builder)
         if split in builder.info.splits:
             meta = _read_meta(builder, split)  # writes the cache the others then read
     if jax.process_count() > 1:

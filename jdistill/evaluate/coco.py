@@ -157,7 +157,7 @@ def check_backend(backend):
     ties and false positives: the cases where COCOeval re-implementations have differed.
     """
     if backend not in BACKENDS:  # a typo would otherwise select another implementation
-        raise ValueError(f"unknown COCO evaluation backend {backend!r}; known: {BACKENDS}")
+        raise ValueError(f"config.eval_backend={backend!r}: unknown; known: {BACKENDS}")
     if backend == "pycocotools":
         return True  # the reference itself
     try:
@@ -165,14 +165,14 @@ def check_backend(backend):
             import faster_coco_eval  # noqa: F401, PLC0415
     except ImportError as e:
         raise ValueError(
-            f"eval.backend={backend!r} needs the package: pip install faster-coco-eval"
+            f"config.eval_backend={backend!r} needs the package: pip install faster-coco-eval"
         ) from e
     dataset, results = fixture()
     want, _ = _run("pycocotools", dataset, results, None)
     got, _ = _run(backend, dataset, results, None)
     if not np.allclose(got, want, atol=1e-9, rtol=0):
         raise ValueError(
-            f"eval.backend={backend!r} refused: on the fixture it gives {np.round(got, 6)} "
+            f"config.eval_backend={backend!r} refused: on the fixture it gives {np.round(got, 6)} "
             f"where pycocotools gives {np.round(want, 6)}"
         )
     return True

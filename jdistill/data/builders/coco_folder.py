@@ -43,17 +43,38 @@ def config_name(root):
 def read_annotations(ann_file):
     """Loads and checks a COCO instances JSON. -> (dict, sorted category ids, class names)."""
     try:
-        with open(ann_file) as f:
+        with open(ann_file, "rb") as f:
             data = json.load(f)
     except FileNotFoundError as e:
         raise CocoFolderError(f"annotation file not found: {ann_file}") from e
+    except OSError as e:  # a folder of that name, no permission
+        raise CocoFolderError(f"cannot read {ann_file}: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise CocoFolderError(f"{ann_file} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:  # json.load of bytes decodes UTF-8/16/32 first
+        raise CocoFolderError(f"{ann_file} is not valid JSON: not UTF-8 text ({e.reason})") from e
+    if not isinstance(data, dict):
+        raise CocoFolderError(
+            f"{ann_file} holds a JSON {type(data).__name__}, not an object with 'images', "
+            "'annotations' and 'categories'; is it a COCO instances file?"
+        )
     for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise CocoFolderError(f"{ann_file} has no '{key}' list; is it a COCO instances file?")
+        if not isinstance(data.get(key), list):
+            what = "no" if key not in data else f"a {type(data[key]).__name__} for its"
+            raise CocoFolderError(
+                f"{ann_file} has {what} '{key}' list; is it a COCO instances file?"
+            )
+    for c in data["categories"]:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c):
+            raise CocoFolderError(f"{ann_file}: category {c!r} needs an integer 'id' and a 'name'")
+    if not data["categories"]:
+        raise CocoFolderError(f"{ann_file} lists no categories: there is nothing to detect")
     cats = sorted(data["categories"], key=lambda c: c["id"])
-    return data, [c["id"] for c in cats], [c["name"] for c in cats]
+    ids = [c["id"] for c in cats]
+    if len(set(ids)) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise CocoFolderError(f"{ann_file}: category ids {twice} are listed more than once")
+    return data, ids, [str(c["name"]) for c in cats]
 
 
 def skip_reason(x, y, w, h, area, height, width):
@@ -84,9 +105,10 @@ def convert_annotations(anns, height, width, cat_to_label, source):
             x, y, w, h = (float(v) for v in ann["bbox"])
             cat = ann["category_id"]
             area = float(ann.get("area", w * h))
+            known = cat in cat_to_label  # an unhashable id (a list) raises TypeError here
         except (KeyError, TypeError, ValueError) as e:
             raise CocoFolderError(f"{source}: malformed annotation {ann.get('id')}: {e}") from e
-        if cat not in cat_to_label:
+        if not known:
             raise CocoFolderError(
                 f"{source}: annotation {ann.get('id')} has unknown category {cat}"
             )
@@ -121,11 +143,18 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         self._splits = dict(splits or DEFAULT_SPLITS)
         self._strict = bool(strict_images)
         if not os.path.isdir(self._root):
-            raise CocoFolderError(f"COCO folder not found: {self._root}")
+            what = "is a file, not a folder" if os.path.exists(self._root) else "not found"
+            raise CocoFolderError(f"COCO folder {what}: {self._root}")
         first = self._ann_file(next(iter(self._splits.values())))
         _, self._cat_ids, self._names = read_annotations(first)
         config = tfds.core.BuilderConfig(name=config_name(self._root))
         super().__init__(config=config, **kwargs)
+
+    def source_digests(self):
+        """{annotation file: hash of its bytes}: `sources.load_split` compares them with the
+        ones the data set was prepared from."""
+        files = [self._ann_file(d) for d in self._splits.values()]
+        return {os.path.relpath(f, self._root): features.digest([f], self._root) for f in files}
 
     def _ann_file(self, split_dir):
         return os.path.join(self._root, "annotations", f"instances_{split_dir}.json")
@@ -151,10 +180,14 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         data, cat_ids, _ = read_annotations(ann_file)
         if cat_ids != self._cat_ids:
             raise CocoFolderError(f"{ann_file}: categories differ from the other splits'")
+        if not data["images"]:  # tfds cannot write an empty split: say why it is empty
+            raise CocoFolderError(f"{ann_file} lists no images")
         cat_to_label = {c: i for i, c in enumerate(cat_ids)}
         by_image = {}
         for ann in data["annotations"]:
-            by_image.setdefault(ann.get("image_id"), []).append(ann)
+            if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int):
+                raise CocoFolderError(f"{ann_file}: annotation {ann!r} has no integer 'image_id'")
+            by_image.setdefault(ann["image_id"], []).append(ann)
         skipped, bad_images, empty, seen = [], [], 0, set()
         for img in data["images"]:
             try:
@@ -203,6 +236,11 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
             )
         features.log_skipped(f"unusable annotations in {ann_file}", skipped)
         features.log_skipped(f"undecodable images of {ann_file}", bad_images)
+        # pycocotools ignores them too; said here, since a mismatch of ids is a broken export.
+        orphans = [
+            f"image_id {i}: {len(by_image[i])} annotation(s)" for i in sorted(set(by_image) - seen)
+        ]
+        features.log_skipped(f"annotation groups whose image is not listed in {ann_file}", orphans)
         if empty:
             logging.info(
                 "%s: %d images have no usable box (kept: evaluation counts them; training "

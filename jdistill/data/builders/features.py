@@ -15,6 +15,7 @@ One example:
 Dataset metadata holds `category_ids`: the id written to COCO results for each label.
 """
 
+import hashlib
 import os
 
 import numpy as np
@@ -101,3 +102,28 @@ def log_skipped(what, items, total=None, first=5):
     shown = "; ".join(str(x) for x in items[:first])
     more = f" (and {total - first} more)" if total > first else ""
     logging.warning("skipped %d %s: %s%s", total, what, shown, more)
+
+
+def digest(files, root):
+    """A hash of the names (relative to `root`) and bytes of `files`: what a prepared data set
+    was made from. Content, not modification times, so a copy or a checkout of the same files
+    still matches; computed once per process for files whose size and time did not change."""
+    key = (os.path.abspath(root), *((os.path.relpath(p, root), *_stat(p)) for p in sorted(files)))
+    if key not in _DIGESTS:
+        h = hashlib.sha1()
+        for path in sorted(files):
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS = {}  # (root, (name, size, mtime) per file) -> digest: a run loads each split once
+
+
+def _stat(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

@@ -40,8 +40,15 @@ def set_ids(root, year, image_set):
     path = os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
     if not os.path.isfile(path):
         raise VocFolderError(f"image set not found: {path}")
-    with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = [line.split()[0] for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise VocFolderError(f"cannot read image set {path}: {why}") from e
+    if not ids:  # tfds cannot write an empty split: say why it is empty
+        raise VocFolderError(f"image set {path} lists no images")
+    return ids
 
 
 def parse_annotation(path):
@@ -55,25 +62,42 @@ def parse_annotation(path):
         raise VocFolderError(f"annotation not found: {path}") from e
     except ET.ParseError as e:
         raise VocFolderError(f"{path} is not valid XML: {e}") from e
+    except OSError as e:  # a folder of that name, no permission
+        raise VocFolderError(f"cannot read annotation {path}: {e.strerror or e}") from e
     root = tree.getroot()
     try:
         size = root.find("size")
         height = width = None
         if size is not None and size.find("height") is not None:
-            height = int(float(size.find("height").text))
-            width = int(float(size.find("width").text))
+            height = int(float(_text(size, "height")))
+            width = int(float(_text(size, "width")))
             if height <= 0 or width <= 0:
                 height = width = None
         objects = []
-        for obj in root.findall("object"):
+        for k, obj in enumerate(root.findall("object")):
+            what = f"<object> {k + 1}"
+            name = _text(obj, "name", what).strip()
             box = obj.find("bndbox")
-            coords = [float(box.find(k).text) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax")]
+            if box is None:
+                raise ValueError(f"{what} ({name}) has no <bndbox>")
+            coords = [
+                float(_text(box, c, f"{what} ({name}) <bndbox>")) - 1.0
+                for c in ("xmin", "ymin", "xmax", "ymax")
+            ]
             diff = obj.find("difficult")
             difficult = diff is not None and int(diff.text) == 1
-            objects.append((obj.find("name").text.strip(), coords, difficult))
+            objects.append((name, coords, difficult))
     except (AttributeError, TypeError, ValueError) as e:
         raise VocFolderError(f"{path}: malformed annotation: {e}") from e
     return height, width, objects
+
+
+def _text(elem, tag, what="<size>"):
+    """The text of `elem`'s child `tag`; ValueError naming what lacks it."""
+    child = elem.find(tag)
+    if child is None or child.text is None:
+        raise ValueError(f"{what} has no <{tag}>")
+    return child.text
 
 
 def discover_classes(root, years, image_sets):
@@ -130,15 +154,42 @@ class VocFolder(tfds.core.GeneratorBasedBuilder):
         self._strict = bool(strict_images)
         self._root = os.path.abspath(root)
         if not os.path.isdir(self._root):
-            raise VocFolderError(f"VOC folder not found: {self._root}")
+            what = "is a file, not a folder" if os.path.exists(self._root) else "not found"
+            raise VocFolderError(f"VOC folder {what}: {self._root}")
         self._years = tuple(str(y) for y in years)
         self._test_year = str(test_year)
+        missing = [
+            f"VOC{y}"
+            for y in sorted({*self._years, self._test_year})
+            if not os.path.isdir(os.path.join(self._root, f"VOC{y}"))
+        ]
+        if missing:
+            raise VocFolderError(
+                f"{self._root} has no {' or '.join(missing)} folder: data.root is the VOCdevkit "
+                "folder that holds VOC2007/ (and VOC2012/ for data.voc_years 2012)"
+            )
         self._names = tuple(class_names) or discover_classes(
             self._root, sorted({*self._years, self._test_year}), ("trainval", "test")
         )
         tag = "_".join(self._years) + f"_t{self._test_year}_" + str(len(self._names))
         config = tfds.core.BuilderConfig(name=f"{coco_folder.config_name(self._root)}_{tag}")
         super().__init__(config=config, **kwargs)
+
+    def source_digests(self):
+        """{set file or annotation folder: hash of its bytes}: `sources.load_split` compares
+        them with the ones the data set was prepared from."""
+        out = {}
+        for year in sorted({*self._years, self._test_year}):
+            voc = os.path.join(self._root, f"VOC{year}")
+            sets = os.path.join(voc, "ImageSets", "Main")
+            for name in ("trainval.txt", "test.txt"):
+                if os.path.isfile(os.path.join(sets, name)):
+                    path = os.path.join(sets, name)
+                    out[os.path.relpath(path, self._root)] = features.digest([path], self._root)
+            ann = os.path.join(voc, "Annotations")
+            xmls = [e.path for e in os.scandir(ann) if e.name.endswith(".xml")]
+            out[os.path.relpath(ann, self._root) + "/"] = features.digest(xmls, self._root)
+        return out
 
     def _info(self):
         return self.dataset_info_from_configs(
