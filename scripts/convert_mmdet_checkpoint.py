@@ -38,9 +38,6 @@ def main(argv):
         code = exits.EXIT_OK
     except (mmdet.ConversionError, ValueError, OSError) as e:  # the user's to fix: no traceback
         code = _report(e)
-    except KeyboardInterrupt:  # exits.report's message is about resuming a training run
-        print("error: interrupted by SIGINT before the conversion finished", file=sys.stderr)
-        code = exits.EXIT_INTERRUPTED
     except BaseException as e:  # noqa: BLE001 (anything else: its traceback, then one line)
         code = exits.report(e)
     exits.exit_process(code)

@@ -46,9 +46,6 @@ def main(argv):
     ) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         code = exits.EXIT_ERROR
-    except KeyboardInterrupt:  # exits.report's message is about resuming a training run
-        print("error: interrupted by SIGINT before the export finished", file=sys.stderr)
-        code = exits.EXIT_INTERRUPTED
     except BaseException as e:  # noqa: BLE001 (anything else: its traceback, then one line)
         code = exits.report(e)
     exits.exit_process(code)
