@@ -422,7 +422,6 @@ def check(config):
     block, batches that do not split over the devices, the evaluation settings."""
     check_integers(config)
     check_models(config)
-    check_paths(config)
     check_data(config.data)
     if config.batch_size % jax.device_count():
         raise ConfigError(

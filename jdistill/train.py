@@ -88,6 +88,7 @@ def run(config, workdir, *, stop_at_step=None):
 
 def _run(config, workdir, stop_at_step, signals):
     check_config(config)
+    config_lib.check_paths(config)  # init / teacher.init name something, before the data
     config_lib.check_workdir(workdir)
     mesh = parallel.make_mesh()
     logging.info(
