@@ -12,6 +12,10 @@ import sys
 import pytest
 from helpers.paths import REPO, cli_env
 
+# Every case runs a command line in a subprocess: the full suite runs them, the quick tier
+# (-m "not slow") keeps to in-process tests.
+pytestmark = pytest.mark.slow
+
 
 def _run(args, timeout=120):
     out = subprocess.run(

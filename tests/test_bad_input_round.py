@@ -21,6 +21,10 @@ CONVERT = ["scripts/convert_mmdet_checkpoint.py"]
 EXPORT = ["scripts/export_student.py"]
 RUNLOCAL = "--config=configs/retinanet_r50_coco.py:runlocal"
 
+# Every case runs a command line in a subprocess: the full suite runs them, the quick tier
+# (-m "not slow") keeps to in-process tests.
+pytestmark = pytest.mark.slow
+
 
 def run(args, tmp_path, timeout=120):
     """(exit status, stderr lines) of `python <args>` with a data dir of the test's own."""

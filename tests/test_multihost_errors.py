@@ -60,6 +60,7 @@ def _error_line(code, stderr, *causes):
     return lines[-1]
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_a_coordinator_address_without_a_port_is_refused_before_jax_is_touched(tmp_path):
     args = ["--coordinator_address=localhost", "--num_processes=2", "--process_id=1"]
     code, stderr, took = _cli(tmp_path, *args)
@@ -96,6 +97,7 @@ def test_a_wellformed_coordinator_address_gives_its_host_and_port():
     assert multihost.parse_coordinator_address("[::1]:1234") == ("::1", 1234)
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_a_process_whose_coordinator_nobody_runs_says_so_within_the_timeout(tmp_path):
     port = _free_port()
     args = [f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=1"]
@@ -105,6 +107,7 @@ def test_a_process_whose_coordinator_nobody_runs_says_so_within_the_timeout(tmp_
     assert took < JOIN_S + STARTUP_S
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_a_coordinator_whose_peer_never_joins_says_so_within_the_timeout(tmp_path):
     port = _free_port()
     args = [f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0"]
@@ -115,6 +118,7 @@ def test_a_coordinator_whose_peer_never_joins_says_so_within_the_timeout(tmp_pat
     assert took < JOIN_S + STARTUP_S
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_a_coordinator_whose_port_is_taken_says_so(tmp_path):
     """The runtime would fail to bind the port and crash the process (SIGSEGV)."""
     with socket.socket() as taken:
@@ -127,6 +131,7 @@ def test_a_coordinator_whose_port_is_taken_says_so(tmp_path):
     assert took < STARTUP_S
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_multihost_alone_outside_a_cluster_names_the_flags_to_give(tmp_path):
     code, stderr, took = _cli(tmp_path)
     line = _error_line(code, stderr, "Cloud TPU", "Slurm", "--coordinator_address=host:port")

@@ -141,6 +141,7 @@ def test_an_image_alone_gets_the_detections_it_gets_in_a_batch(tmp_path):
     np.testing.assert_allclose([s for _, _, s in alone], [s for _, _, s in batched], rtol=1e-5)
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_no_image_matched_is_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no image here\n")

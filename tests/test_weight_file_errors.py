@@ -155,6 +155,7 @@ def test_a_checkpoint_with_mmdetection_meta_loads(tmp_path, zip_format):
     assert got == meta and sorted(read) == sorted(sd)
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_the_cli_refuses_a_teacher_that_would_run_code(tmp_path, prepared_data):
     marker = tmp_path / "SOMEFILE"
     path = write_code_pth(tmp_path / "evil_zip.pth", marker)
@@ -168,6 +169,7 @@ def test_the_cli_refuses_a_teacher_that_would_run_code(tmp_path, prepared_data):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_the_convert_script_refuses_a_pth_that_would_run_code(tmp_path):
     marker = tmp_path / "SOMEFILE"
     path = write_code_pth(tmp_path / "evil_zip.pth", marker)
@@ -190,6 +192,7 @@ def test_the_convert_script_refuses_a_pth_that_would_run_code(tmp_path):
 # ---------------------------------------------------------------- case 9: an all-integer teacher
 
 
+@pytest.mark.slow  # a CLI subprocess: the full suite runs it
 def test_the_cli_refuses_an_int32_teacher_in_one_line(tmp_path, prepared_data):
     sd, _ = teacher_state_dict()
     weights = sum(np.issubdtype(v.dtype, np.floating) for v in sd.values())
