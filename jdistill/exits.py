@@ -23,7 +23,7 @@ def report(e, heartbeat_s=100):
     and gets its traceback first. Either way the last line of stderr is `error: <cause>`.
     """
     stopping = sys.modules.get("jdistill.stopping")  # absent: the error came before it ran
-    if stopping is not None and isinstance(e, stopping.Preempted):
+    if stopping is not None and isinstance(e, stopping.Preempted | stopping.Stopped):
         logging.warning("%s", e)
         return EXIT_OK
     if isinstance(e, SystemExit):  # sys.exit() somewhere below: keep its status

@@ -2,9 +2,10 @@
 
 A run is a sequence of phases (preparing the data, building the models, evaluating the teacher,
 training, the final evaluation). A signal in any of them stops the run promptly and ends it with
-`Preempted`, whose message says what was kept and how to go on; `main` logs it and exits 0, as
-for any preemption. Only training defers the stop: the handler records the signal and the loop
-saves a checkpoint at the next step boundary, so no step is lost. Everywhere else there is
+`Stopped` (or, at a training step boundary, `Preempted`), whose message says what was kept and
+how to go on; `main` logs it and exits 0, as for any preemption. Only training defers the stop:
+the handler records the signal and the loop saves a checkpoint at the next step boundary, so no
+step is lost. Everywhere else there is
 nothing to save (or it is already on disk), so the handler raises at once in the main thread.
 
 A second SIGINT raises KeyboardInterrupt at once (exit 130), for a user who will not wait.
@@ -37,6 +38,15 @@ class Preempted(Exception):  # noqa: N818 (not an error: a requested stop, the r
         self.step = step
 
 
+class Stopped(BaseException):  # noqa: N818 (a requested stop, like KeyboardInterrupt)
+    """A signal stopped a phase at once; the message says what was kept and how to go on.
+
+    A BaseException, as KeyboardInterrupt is: the handler raises it wherever the main thread
+    is, and a library's `except Exception` there (an input iterator, a retry loop) must not
+    swallow it. A cold run once lost one that way and went on into training.
+    """
+
+
 def saved_at(signame, step, directory):
     """The `Preempted` of a stop at a training step boundary after its checkpoint was saved."""
     return Preempted(
@@ -55,7 +65,7 @@ GRACE_S = 5.0
 class Signals:
     """The run's stop signals: installed once per process (nesting is a no-op), with a phase.
 
-    `phase(what, kept)` names the current phase; a signal in it raises `Preempted` saying
+    `phase(what, kept)` names the current phase; a signal in it raises `Stopped` saying
     "stopped by SIG while <what>; <kept>". `phase(..., deferred=True)` only records the signal
     (the training loop polls `agreed`).
     """
@@ -139,7 +149,7 @@ class Signals:
             self._what, self._kept, self._deferred, self._watched = saved
 
     def _stop(self):
-        return Preempted(f"stopped by {self.signame} while {self._what}; {self._kept}")
+        return Stopped(f"stopped by {self.signame} while {self._what}; {self._kept}")
 
     def _handle(self, signum, frame):
         del frame

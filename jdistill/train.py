@@ -298,7 +298,7 @@ def _run(config, workdir, stop_at_step, signals):
                     f"evaluating step {done}", "", deferred=not single, watched=False
                 ):
                     evaluate_student(done)
-            except Preempted:
+            except stopping.Stopped:
                 if last_saved != done:
                     save(done)
                 raise preempted(done) from None

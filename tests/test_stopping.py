@@ -33,7 +33,7 @@ def test_a_signal_outside_training_raises_with_the_phase_and_what_was_kept():
     previous = signal.getsignal(signal.SIGTERM)
     signals = stopping.Signals()
     with signals.installed():
-        with pytest.raises(stopping.Preempted) as e:
+        with pytest.raises(stopping.Stopped) as e:
             with signals.phase("evaluating the teacher", "nothing was written; re-run"):
                 _signal_self(signal.SIGTERM)
     assert str(e.value) == (
@@ -56,7 +56,7 @@ def test_training_records_the_signal_and_a_second_sigint_aborts():
             with pytest.raises(KeyboardInterrupt):
                 _signal_self(signal.SIGINT)
         # The next phase that does not defer stops at its start.
-        with pytest.raises(stopping.Preempted, match="SIGTERM while evaluating"):
+        with pytest.raises(stopping.Stopped, match="SIGTERM while evaluating"):
             with signals.phase("evaluating", "kept"):
                 pass
     assert signal.getsignal(signal.SIGINT) is previous
