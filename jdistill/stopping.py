@@ -5,8 +5,8 @@ training, the final evaluation). A signal in any of them stops the run promptly 
 `Stopped` (or, at a training step boundary, `Preempted`), whose message says what was kept and
 how to go on; `main` logs it and exits 0, as for any preemption. Only training defers the stop:
 the handler records the signal and the loop saves a checkpoint at the next step boundary, so no
-step is lost. Everywhere else there is
-nothing to save (or it is already on disk), so the handler raises at once in the main thread.
+step is lost. Everywhere else there is nothing to save (or it is already on disk), so the
+handler raises at once in the main thread.
 
 A second SIGINT raises KeyboardInterrupt at once (exit 130), for a user who will not wait.
 Python runs signal handlers in the main thread only, between bytecodes, so a phase blocked in
