@@ -79,8 +79,10 @@ def run(config, workdir, *, stop_at_step=None):
     Raises:
       ConfigError: a bad config value or workdir, before anything is loaded.
       NonFiniteLossError: the loss or gradient became NaN/inf.
-      Preempted: SIGTERM or SIGINT arrived (`stopping`): in training, after saving a checkpoint
-        of the step then finishing; in any other phase at once, saying what was kept.
+      Preempted: SIGTERM or SIGINT arrived in training; a checkpoint of the step then
+        finishing was saved and the run can be continued.
+      stopping.Stopped: SIGTERM or SIGINT arrived in any other phase; the run stopped at once,
+        saying what was kept (a BaseException, as KeyboardInterrupt).
     """
     with stopping.SIGNALS.installed():
         return _run(config, workdir, stop_at_step, stopping.SIGNALS)
