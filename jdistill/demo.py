@@ -50,8 +50,9 @@ def stage_configs(config, workdir):
 def run(config, workdir):
     """Runs the three stages; returns {stage: metrics}.
 
-    Each stage is a `train.run`: a preempted stage raises `train.Preempted` (or `stopping.Stopped`), which stops the
-    demo there; the same command later resumes that stage (finished ones only re-evaluate).
+    Each stage is a `train.run`: a preempted stage raises `train.Preempted` (or
+    `stopping.Stopped`), which stops the demo there; the same command later resumes that stage
+    (finished ones only re-evaluate).
     """
     config_lib.check_workdir(workdir)  # the stages' directories sit inside it
     results = {}
