@@ -168,3 +168,9 @@ def _model(m):
     name = f"{m.family} R{m.depth}" if m.get("depth") else str(m.family)
     width = m.get("width", 1.0)
     return name if width == 1.0 else f"{name} x{width:g}"
+
+
+def hms(seconds):
+    """'H:MM:SS' of a duration in seconds, as the step and progress lines show an ETA."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

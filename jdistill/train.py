@@ -20,6 +20,7 @@ from jdistill import (
     checkpoint,
     config_lib,
     experiment,
+    logs,
     metrics_writer,
     multihost,
     parallel,
@@ -253,7 +254,7 @@ def _run(config, workdir, stop_at_step, signals):
                 " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "lr")),
                 rate,
                 rate * config.batch_size,
-                _hms(eta),
+                logs.hms(eta),
             )
             pending, t_last, step_last = [], now, done
 
@@ -442,8 +443,3 @@ def _release(state, iterator, mgr, writer):
 
 def _student_vars(state):
     return {"params": state["params"]["student"], "batch_stats": state["batch_stats"]}
-
-
-def _hms(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -32,7 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jdistill import multihost, parallel, paths
+from jdistill import logs, multihost, parallel, paths
 from jdistill.config_lib import ConfigError
 from jdistill.data import datasets, decode, pipeline, sources
 from jdistill.evaluate import coco as coco_eval
@@ -192,8 +192,8 @@ def classes(config, ckpt):
     if ckpt.class_names:
         ids = ckpt.category_ids or tuple(range(1, len(ckpt.class_names) + 1))
         return ckpt.class_names, tuple(ids), "the checkpoint"
-    split = sources.load_split(config.data, config.data.eval_split)
-    return tuple(split.class_names), tuple(split.category_ids), f"the data's {split.name!r} split"
+    data = datasets.open(config, train=False)
+    return data.class_names, data.category_ids, f"the data's {data.eval.name!r} split"
 
 
 def png_names(names):
@@ -304,7 +304,7 @@ def predict(config, init, images, out, *, score_thr=0.3, progress_every=100):
                         done,
                         len(readable),
                         rate,
-                        _hms((len(readable) - done) / rate),
+                        logs.hms((len(readable) - done) / rate),
                     )
     finally:
         runner.close_iterator(batches)  # an error mid-way leaves its reader threads running
@@ -377,8 +377,3 @@ def summary_line(summary):
         f"be decoded; {len(summary['tolerant'])} decoded tolerantly (damaged); wrote "
         f"{summary['out']}/detections.json and {summary['pngs']} PNGs"
     )
-
-
-def _hms(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
