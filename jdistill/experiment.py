@@ -24,6 +24,33 @@ from jdistill.models import detector as detector_lib
 # ============================================================================ models
 
 
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """A config's detectors, built once: `teacher` and `spec` (an `api.Pair`) are None and
+    `terms` is [] without distillation."""
+
+    student: Any
+    teacher: Any
+    terms: list
+    spec: api.Pair | None
+
+
+def build_models(config, num_classes):
+    """The student and, with distillation, the teacher for `num_classes` foreground classes.
+
+    Raises `config_lib.ConfigError` (one line, every reason) when the distillation terms cannot
+    read this pair (`plan.check_pair`): before any weight is loaded or anything compiled.
+    """
+    student = detector_lib.build(config.model, num_classes)
+    terms = plan.terms(config)
+    if not terms:
+        return Models(student, None, [], None)
+    teacher = detector_lib.build(config.teacher.model, num_classes)
+    spec = api.Pair(student.spec, teacher.spec)
+    plan.check_pair(terms, spec)
+    return Models(student, teacher, terms, spec)
+
+
 def model_inputs(detector, model_cfg, batch):
     """The network input for a detector: normalised canvas in its style and compute dtype."""
     return detector_lib.preprocess(
@@ -65,9 +92,7 @@ def load_teacher(config, detector, class_names, canvas):
     step) or an mmdetection `.pth` / `.safetensors`, converted on load. `class_names`: the
     data set's, compared with those the checkpoint records (None: not compared).
     """
-    expected = jax.eval_shape(
-        detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
-    )
+    expected = abstract_variables(detector, canvas)
     path = config.teacher.get("init")
     if not path:
         return init_variables(detector, canvas, config.seed + 1)
@@ -324,41 +349,72 @@ class Experiment:
     train_step: Callable
 
 
-def setup(config, mesh, *, num_classes, canvas, steps_per_epoch, class_names=None, load_init=True):
+def setup(
+    config,
+    mesh,
+    *,
+    num_classes,
+    canvas,
+    steps_per_epoch,
+    class_names=None,
+    load_init=True,
+    abstract=False,
+):
     """Builds the experiment of `config` on `mesh`.
 
     Args:
       config: a run config (`configs/`).
-      mesh: the device mesh (`parallel.make_mesh`).
+      mesh: the device mesh (`parallel.make_mesh`, or compile-only devices).
       num_classes: foreground classes of the data set.
       canvas: (H, W) of the first training canvas, to initialise at.
       steps_per_epoch: of the training sampler, for the schedule.
       class_names: the data set's, checked against a teacher checkpoint's (None: unchecked).
       load_init: start the student from `config.init`; a resumed run passes False.
+      abstract: nothing is allocated or loaded: `state` and `teacher_vars` are
+        `jax.ShapeDtypeStruct`s with their shardings (`jax.eval_shape`), for compiling the step
+        ahead of time (`scripts/aot_compile.py`) on devices this process may not have.
     Returns:
       an `Experiment`.
+    Raises:
+      config_lib.ConfigError: the distillation terms cannot read this student/teacher pair.
     """
     schedule, total_steps = optim.lr_schedule(config.optimizer, config.schedule, steps_per_epoch)
-    student = detector_lib.build(config.model, num_classes)
-    terms = plan.terms(config)
-    teacher = teacher_vars = spec = None
-    if terms:
-        teacher = detector_lib.build(config.teacher.model, num_classes)
-        spec = api.Pair(student.spec, teacher.spec)
+    models = build_models(config, num_classes)
+    student, teacher, terms, spec = models.student, models.teacher, models.terms, models.spec
+    replicated = parallel.replicated(mesh)
+    teacher_vars = None
+    if terms and abstract:
+        teacher_vars = with_sharding(abstract_variables(teacher, canvas), lambda _: replicated)
+    elif terms:
         teacher_vars = load_teacher(config, teacher, class_names, canvas)
-        teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
+        teacher_vars = jax.device_put(teacher_vars, replicated)
     tx_builder = lambda params: optim.make_optimizer(  # noqa: E731
         config.optimizer, config.model, params, schedule
     )
-    state, tx = init_state(
-        config, student, terms, spec, canvas, tx_builder, load_init, teacher_vars
-    )
+    if abstract:
+        built = {}
+
+        def state_only(t_vars):
+            state, built["tx"] = init_state(
+                config, student, terms, spec, canvas, tx_builder, False, t_vars
+            )
+            return state
+
+        state = jax.eval_shape(state_only, teacher_vars)
+        tx = built["tx"]
+    else:
+        state, tx = init_state(
+            config, student, terms, spec, canvas, tx_builder, load_init, teacher_vars
+        )
     state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
-    state = jax.device_put(state, state_sharding)
+    if abstract:
+        state = with_sharding(state, state_sharding)
+    else:
+        state = jax.device_put(state, state_sharding)
     train_step = jax.jit(
         make_train_step(config, student, teacher, terms, tx, schedule, total_steps),
-        in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        in_shardings=(state_sharding, replicated, parallel.batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
     return Experiment(
@@ -373,4 +429,23 @@ def setup(config, mesh, *, num_classes, canvas, steps_per_epoch, class_names=Non
         schedule,
         total_steps,
         train_step,
+    )
+
+
+def abstract_variables(detector, canvas):
+    """{'params', 'batch_stats'} of a detector as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    return jax.eval_shape(
+        detector.module.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3), jnp.float32)
+    )
+
+
+def with_sharding(tree, shardings):
+    """`tree`'s leaves as ShapeDtypeStructs carrying `shardings` (a matching pytree, or a
+    function of the leaf)."""
+    if callable(shardings):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings(x)), tree
+        )
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )

@@ -57,9 +57,10 @@ SANE_LOSS_FACTOR = 10.0
 
 
 def check_config(config):
-    """Refuses inconsistent configs before anything is loaded or compiled (`ConfigError`): what
-    the config alone gets wrong (`config_lib.check`), then what its student/teacher pair and
-    distillation terms do (`plan.check`)."""
+    """Refuses inconsistent configs before the data or any model exists (`ConfigError`): what
+    the config alone gets wrong (`config_lib.check`), then what its distillation terms do
+    (`plan.check`). What the built student/teacher pair cannot do is refused where the
+    detectors are built, once (`experiment.build_models`), before any weight loads."""
     config_lib.check(config)
     plan.check(config)
 
@@ -132,9 +133,7 @@ def _run(config, workdir, stop_at_step, signals):
     }
     data_state = None
     if latest is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
-        )
+        abstract = experiment.with_sharding(state, state_sharding)
         # The newest step that restores: damaged newer steps are set aside with a warning;
         # another model's checkpoints or no restorable step at all raise CheckpointError.
         with signals.phase("restoring the checkpoint", as_it_was):

@@ -4,9 +4,9 @@ import importlib.util
 import json
 
 import pytest
+from helpers.distill import check_before_training
 from helpers.paths import REPO
 
-from jdistill import train
 from jdistill.distill import plan
 
 
@@ -31,7 +31,7 @@ def test_every_method_student_is_a_valid_distillation_config(compare):
         assert [t.cfg.fn for t in plan.terms(cfg)] == [b.fn for b in published.values()]
         cfg.unlock()
         cfg.runlocal = True  # a random teacher is fine for the check
-        train.check_config(cfg)
+        check_before_training(cfg)
     base = compare.student_config(demo, None, 0, 300, 100, False, "")
     assert base.teacher is None and base.distill is None
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import pytest
 from helpers.batches import crafted_batch
-from helpers.distill import distiller_config
+from helpers.distill import check_before_training, distiller_config
 from helpers.paths import load_config
 
 from jdistill import train
@@ -701,7 +701,7 @@ def test_registry_and_declarations():
 @pytest.mark.parametrize("name", ["crosskd_gfl", "crosskd_pkd_gfl", "crosskd_retinanet"])
 def test_configs_pass_check_config(name):
     config_ = load_config(name, "runlocal")
-    train.check_config(config_)
+    check_before_training(config_)
     losses = config_.distill.losses
     assert losses.crosskd.fn == "crosskd"
     if name == "crosskd_pkd_gfl":
@@ -713,7 +713,7 @@ def test_check_config_refuses_a_teacher_of_another_family(teacher):
     config_ = load_config("crosskd_gfl", "runlocal")
     config_.teacher.model = load_config(teacher, "runlocal").model
     with pytest.raises(train.ConfigError, match="prior by prior"):
-        train.check_config(config_)
+        check_before_training(config_)
 
 
 def test_view_readers_share_one_count_padding():
@@ -741,4 +741,4 @@ def test_towers_of_different_depth_are_refused():
     config.unlock()
     config.teacher.model.stacked_convs = config.model.stacked_convs + 1
     with pytest.raises(train.ConfigError, match="stacked_convs"):
-        train.check_config(config)
+        check_before_training(config)

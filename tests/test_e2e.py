@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers.distill import check_before_training
 from helpers.paths import REPO, cli_env, load_config, shared_data
 
 from jdistill import checkpoint, config_lib, demo, train
@@ -134,7 +135,7 @@ def test_every_config_builds(name):
                 with pytest.raises(train.ConfigError, match="teacher.init is empty"):
                     train.check_config(config)
             else:
-                train.check_config(config)
+                check_before_training(config)
         for model_cfg in models:
             det = detector_lib.build(model_cfg, 20)
             shapes = jax.eval_shape(
@@ -150,14 +151,14 @@ def test_mismatched_distillation_setups_are_refused():
     config.teacher.model = config_lib.gfl(50)
     # defeat_dense_kd compares anchor classifications: a head-level method, one family only
     with pytest.raises(ValueError, match=r"dense_kd\) needs a teacher of the student's family"):
-        train.check_config(config)
+        check_before_training(config)
     config = load_config("frs_faster_rcnn", "runlocal")
     config.unlock()
     config.distill.losses.kd = dict(
         fn="defeat_dense_kd", weight=1.0, pos_weight=1.0, neg_weight=1.0
     )
     with pytest.raises(ValueError, match="'assign' taps, which a faster_rcnn student does not"):
-        train.check_config(config)
+        check_before_training(config)
 
 
 def test_distillation_settings_are_checked_before_compiling():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.batches import crafted_batch
-from helpers.distill import distiller_config
+from helpers.distill import check_before_training, distiller_config
 from helpers.paths import load_config
 
 from jdistill import train
@@ -265,14 +265,14 @@ def test_registry_declarations_and_check():
 
 def test_config_passes_check_config_and_other_families_are_refused():
     config_ = load_config("ld_gfl", "runlocal")
-    train.check_config(config_)
+    check_before_training(config_)
     assert config_.distill.losses.ld.weight == 0.25 and config_.distill.losses.ld.tau == 10.0
     for teacher in ("fcos_r50_caffe_coco", "faster_rcnn_r50_coco"):
         config_ = load_config("ld_gfl", "runlocal")
         config_.teacher.model = load_config(teacher, "runlocal").model
         with pytest.raises(train.ConfigError, match="box-side distributions"):
-            train.check_config(config_)
+            check_before_training(config_)
     config_ = load_config("ld_gfl", "runlocal")
     config_.teacher.model.reg_max = 8
     with pytest.raises(train.ConfigError, match="reg_max"):
-        train.check_config(config_)
+        check_before_training(config_)

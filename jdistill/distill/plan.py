@@ -14,7 +14,6 @@ from absl import logging
 
 from jdistill import config_lib
 from jdistill.distill import api, registry
-from jdistill.models import detector as detector_lib
 from jdistill.models import resnet
 
 
@@ -141,9 +140,10 @@ def add_losses(total, terms_, student_taps, teacher_taps, batch, params, spec, f
 
 
 def check(config):
-    """Refuses a config whose distillation cannot run (`config_lib.ConfigError`, one line): an
-    unregistered or mistyped loss block, a pair of detectors a term cannot read, normalisation
-    groups that do not divide the batch, `init_from_teacher` across shapes, no teacher weights.
+    """Refuses a config whose distillation cannot run, from the config alone, before the data or
+    a detector exists (`config_lib.ConfigError`, one line): an unregistered or mistyped loss
+    block, no teacher, normalisation groups that do not divide the batch, `init_from_teacher`
+    across shapes, no teacher weights. What the built pair cannot do is `check_pair`'s.
     """
     teacher = config.get("teacher")
     try:
@@ -156,11 +156,7 @@ def check(config):
         return
     if not teacher:
         raise config_lib.ConfigError("config.distill has losses but config.teacher is not set")
-    # The specs do not depend on the class count: any count builds them.
-    spec = api.Pair(
-        detector_lib.build(config.model, 1).spec, detector_lib.build(teacher.model, 1).spec
-    )
-    errors = problems(terms_, spec)
+    errors = []
     # Distillers normalise per group of images of the global batch (the originals' GPUs).
     groups = [(f"distill.losses.{t.key}.group_size", t.cfg.get("group_size", 0)) for t in terms_]
     groups.append(("teacher.model.loss_group_size", teacher.model.get("loss_group_size", 0)))
@@ -180,6 +176,14 @@ def check(config):
         logging.warning(
             "teacher.init is empty: using a RANDOMLY INITIALISED teacher (runlocal only)"
         )
+
+
+def check_pair(terms_, spec):
+    """Refuses a built student/teacher pair (`spec`, an `api.Pair`) that these terms cannot
+    run, naming every reason (`config_lib.ConfigError`, one line; `problems` lists them)."""
+    errors = problems(terms_, spec)
+    if errors:
+        raise config_lib.ConfigError("; ".join(errors))
 
 
 def _init_from_teacher_problems(s, t):

@@ -240,3 +240,13 @@ def distiller_config(name, **overrides):
     from jdistill.distill import registry
 
     return registry.resolve({"fn": name, **overrides})
+
+
+def check_before_training(config):
+    """Everything a run refuses before it trains: the config's own checks
+    (`train.check_config`), then the built student/teacher pair's (`experiment.build_models`,
+    which a run reaches after the data, with the data set's class count)."""
+    from jdistill import experiment, train
+
+    train.check_config(config)
+    experiment.build_models(config, 1)
