@@ -7,6 +7,8 @@ so the split loading, the eval subset and the host/device split of a batch are w
 
 import dataclasses
 
+import jax
+import numpy as np
 from absl import logging
 
 from jdistill import parallel
@@ -82,6 +84,30 @@ def open(config, *, train=True):  # noqa: A001 (the package's entry point: `data
 def device_part(local_batch):
     """The entries of a host batch that go to the device: dict of [B_local, ...] arrays."""
     return {k: local_batch[k] for k in DEVICE_KEYS}
+
+
+def abstract_batch(batch_size, canvas, max_boxes, mesh):
+    """What `device_batch` gives for a global batch of `batch_size` images on `canvas` (H, W)
+    with `max_boxes` box slots, as `jax.ShapeDtypeStruct`s sharded over the mesh's `data` axis:
+    for compiling a step without data (`scripts/aot_compile.py`). Shapes and dtypes are
+    `pipeline.process_example`'s, stacked."""
+    h, w = canvas
+    shapes = {
+        "image": ((h, w, 3), np.uint8),
+        "boxes": ((max_boxes, 4), np.float32),
+        "labels": ((max_boxes,), np.int32),
+        "box_valid": ((max_boxes,), np.bool_),
+        "img_shape": ((2,), np.int32),
+        "pad_shape": ((2,), np.int32),
+        "scale_factor": ((2,), np.float32),
+        "image_valid": ((), np.bool_),
+        "image_id": ((), np.int32),
+    }
+    sharding = parallel.batch_sharding(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+        for k, (shape, dtype) in shapes.items()
+    }
 
 
 def device_batch(local_batch, mesh):

@@ -55,6 +55,7 @@ class DenseModule(nn.Module):
     add_extra_convs: bool | str = "on_input"
     relu_before_extra_convs: bool = False
     dtype: jnp.dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, images, train=False):
@@ -71,6 +72,7 @@ class DenseModule(nn.Module):
             self.width,
             self.norm_eval,
             self.dtype,
+            self.fold_bn,
             name="backbone",
         )(images, train)
         pyramid = fpn_lib.FPN(
@@ -114,6 +116,7 @@ def backbone_kwargs(cfg):
         norm_eval=cfg.norm_eval,
         neck_channels=cfg.neck_channels,
         dtype=layers.compute_dtype(cfg.dtype),
+        fold_bn=cfg.fold_bn,
     )
 
 
@@ -137,6 +140,9 @@ def model_defaults(family, depth, **family_fields):
         test_nms_iou=0.5,
         test_max_per_img=100,
         dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
+        # BN on running statistics folded into the conv before it: the same function with less
+        # memory traffic (resnet.ResNet; scripts/aot_compile.py measures it)
+        fold_bn=False,
     )
     fields.update(family_fields)
     return ml_collections.ConfigDict(fields)

@@ -81,10 +81,17 @@ class FasterRCNNModule(nn.Module):
     roi_sampling_ratio: int = 2
     roi_aligned: bool = True
     dtype: jnp.dtype = jnp.float32
+    fold_bn: bool = False
 
     def setup(self):
         self.backbone = resnet_lib.ResNet(
-            self.depth, self.style, self.frozen_stages, self.width, self.norm_eval, self.dtype
+            self.depth,
+            self.style,
+            self.frozen_stages,
+            self.width,
+            self.norm_eval,
+            self.dtype,
+            self.fold_bn,
         )
         self.neck = fpn_lib.FPN(
             self.neck_channels, start_level=0, num_outs=5, add_extra_convs=False, dtype=self.dtype

@@ -66,9 +66,30 @@ class Conv(nn.Module):
     activate: bool = True
 
     @nn.compact
-    def __call__(self, x):
-        """x: [N, H, W, C_in] -> [N, ceil(H / stride), ceil(W / stride), features]."""
+    def __call__(self, x, affine=None):
+        """x: [N, H, W, C_in] -> [N, ceil(H / stride), ceil(W / stride), features].
+
+        `affine`: a (scale, shift) pair of [features] float32 (`FrozenBatchNorm`) that the conv
+        folds in: it convolves with kernel * scale and adds shift, which is the conv followed
+        by that affine map, in one convolution with a bias (XLA fuses it with a following ReLU
+        or residual add into one kernel). Only for a conv without bias or norm.
+        """
         p = self.kernel // 2
+        if affine is not None:
+            if self.use_bias or self.norm is not None:
+                raise ValueError("a folded affine replaces the bias and norm of a plain conv")
+            scale, shift = affine
+            kernel = _Kernel(self.features, self.kernel, self.kernel_init, name="conv")(x.shape[-1])
+            # Folded in float32, then rounded once to the compute dtype.
+            w = (kernel * scale).astype(self.dtype)
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype),
+                w,
+                (self.stride, self.stride),
+                ((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            return y + shift.astype(self.dtype)
         if self.norm is not None:
             if self.norm != "gn":
                 raise ValueError(f"norm={self.norm!r}: only 'gn' is supported in heads")
@@ -106,6 +127,20 @@ class Conv(nn.Module):
         )(x)
 
 
+class _Kernel(nn.Module):
+    """The `kernel` param of `nn.Conv` ([k, k, C_in, features] float32, same name, shape and
+    initialiser, so the same random draw), for a conv that transforms its kernel first."""
+
+    features: int
+    kernel: int
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, in_features):
+        shape = (self.kernel, self.kernel, in_features, self.features)
+        return self.param("kernel", self.kernel_init, shape, jnp.float32)
+
+
 # torch BatchNorm2d: eps 1e-5, running-stat momentum 0.1 (flax counts the other way: 0.9).
 # With mmdetection's norm_eval=True (every detector config here) it runs in inference mode on
 # its running statistics; its affine params may still train (requires_grad), as configured.
@@ -113,6 +148,29 @@ class Conv(nn.Module):
 # batch statistics are computed, and the running ones kept, in float32) and only casts the
 # result, so a bfloat16 network's activations stay bfloat16 between its convs.
 BatchNorm = functools.partial(nn.BatchNorm, epsilon=1e-5, momentum=0.9, param_dtype=jnp.float32)
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm on its running statistics, as the per-channel affine map it applies:
+    (scale, shift), [features] float32 each, with y = x * scale + shift. Its variables are
+    `BatchNorm`'s (params `scale`, `bias`; batch_stats `mean`, `var`; same initialisers), so
+    checkpoints and conversions do not know which of the two ran; `Conv(affine=...)` folds the
+    pair into the conv before it. Gradients reach `scale` and `bias` through the folded conv as
+    they reach them through the BatchNorm (the same function of the same variables).
+    """
+
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, features):
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        # flax's BatchNorm on running statistics: (x - mean) * (rsqrt(var + eps) * scale) + bias.
+        mul = jax.lax.rsqrt(var.value + 1e-5) * scale
+        return mul, bias - mean.value * mul
+
 
 GroupNorm32 = functools.partial(nn.GroupNorm, num_groups=32, epsilon=1e-5, param_dtype=jnp.float32)
 

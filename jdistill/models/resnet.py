@@ -19,6 +19,23 @@ from jdistill.models import layers
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
+def conv_bn(x, features, kernel, stride, conv_name, bn_name, *, dtype, bn_train, fold, zero=False):
+    """A bias-free conv and its BatchNorm, named as mmdetection names them (`conv_name`,
+    `bn_name`), called from a module's compact method. With `fold` (and BN on running
+    statistics) the BN is folded into the conv (`layers.FrozenBatchNorm`): the same function
+    of the same variables, computed as one convolution with a bias. `zero`: the BN scale starts
+    at 0 (`zero_init_residual`). x: [N, H, W, C] -> [N, H / stride, W / stride, features]."""
+    scale_init = nn.initializers.zeros if zero else nn.initializers.ones
+    conv = layers.Conv(features, kernel, stride, use_bias=False, dtype=dtype, name=conv_name)
+    if fold and not bn_train:
+        affine = layers.FrozenBatchNorm(scale_init=scale_init, name=bn_name)(features)
+        return conv(x, affine=affine)
+    bn = layers.BatchNorm(
+        use_running_average=not bn_train, dtype=dtype, scale_init=scale_init, name=bn_name
+    )
+    return bn(conv(x))
+
+
 class BasicBlock(nn.Module):
     planes: int
     stride: int
@@ -26,23 +43,16 @@ class BasicBlock(nn.Module):
     style: str
     dtype: jnp.dtype
     bn_train: bool = False
+    fold_bn: bool = False
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
-        bn = functools.partial(
-            layers.BatchNorm, use_running_average=not self.bn_train, dtype=self.dtype
-        )
-        conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
-            f, k, s, use_bias=False, dtype=self.dtype, name=name
-        )
-        out = conv(self.planes, 3, self.stride, "conv1")(x)
-        out = nn.relu(bn(name="bn1")(out))
-        out = conv(self.planes, 3, 1, "conv2")(out)
-        out = bn(name="bn2", scale_init=nn.initializers.zeros)(out)
+        cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
+        out = nn.relu(cb(x, self.planes, 3, self.stride, "conv1", "bn1"))
+        out = cb(out, self.planes, 3, 1, "conv2", "bn2", zero=True)
         if self.downsample:
-            x = conv(self.planes, 1, self.stride, "downsample_conv")(x)
-            x = bn(name="downsample_bn")(x)
+            x = cb(x, self.planes, 1, self.stride, "downsample_conv", "downsample_bn")
         return nn.relu(out + x)
 
 
@@ -53,27 +63,19 @@ class Bottleneck(nn.Module):
     style: str
     dtype: jnp.dtype
     bn_train: bool = False
+    fold_bn: bool = False
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        bn = functools.partial(
-            layers.BatchNorm, use_running_average=not self.bn_train, dtype=self.dtype
-        )
-        conv = lambda f, k, s, name: layers.Conv(  # noqa: E731
-            f, k, s, use_bias=False, dtype=self.dtype, name=name
-        )
+        cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
         # pytorch style strides the 3x3 conv; caffe style the first 1x1 (resnet.py:155).
         s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
-        out = conv(self.planes, 1, s1, "conv1")(x)
-        out = nn.relu(bn(name="bn1")(out))
-        out = conv(self.planes, 3, s2, "conv2")(out)
-        out = nn.relu(bn(name="bn2")(out))
-        out = conv(self.planes * 4, 1, 1, "conv3")(out)
-        out = bn(name="bn3", scale_init=nn.initializers.zeros)(out)
+        out = nn.relu(cb(x, self.planes, 1, s1, "conv1", "bn1"))
+        out = nn.relu(cb(out, self.planes, 3, s2, "conv2", "bn2"))
+        out = cb(out, self.planes * 4, 1, 1, "conv3", "bn3", zero=True)
         if self.downsample:
-            x = conv(self.planes * 4, 1, self.stride, "downsample_conv")(x)
-            x = bn(name="downsample_bn")(x)
+            x = cb(x, self.planes * 4, 1, self.stride, "downsample_conv", "downsample_bn")
         return nn.relu(out + x)
 
 
@@ -91,6 +93,9 @@ class ResNet(nn.Module):
         frozen stages, which mmdetection keeps in eval mode regardless.
       dtype: compute dtype of the convs and of the activations between them (params and BN
         statistics stay float32).
+      fold_bn: a BN on running statistics is folded into the conv before it (`conv_bn`): the
+        same function of the same variables with less memory traffic (a conv with a bias fuses
+        with its ReLU and residual add); BN on batch statistics is never folded.
     """
 
     depth: int = 50
@@ -99,6 +104,7 @@ class ResNet(nn.Module):
     width: float = 1.0
     norm_eval: bool = True
     dtype: jnp.dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -114,9 +120,10 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet style {self.style!r} must be 'pytorch' or 'caffe'")
         block_cls = BasicBlock if self.depth < 50 else Bottleneck
         base = max(1, int(round(64 * self.width)))
-        x = layers.Conv(base, 7, 2, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        bn1 = layers.BatchNorm(use_running_average=not bn_train(0), dtype=self.dtype, name="bn1")
-        x = nn.relu(bn1(x))
+        x = conv_bn(
+            x, base, 7, 2, "conv1", "bn1", dtype=self.dtype, bn_train=bn_train(0), fold=self.fold_bn
+        )
+        x = nn.relu(x)
         x = layers.max_pool_3x3_s2(x)
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)
@@ -134,6 +141,7 @@ class ResNet(nn.Module):
                     self.style,
                     self.dtype,
                     bn_train(s + 1),
+                    self.fold_bn,
                     name=f"layer{s + 1}_{b}",
                 )(x)
                 in_ch = planes * block_cls.expansion
