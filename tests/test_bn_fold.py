@@ -25,6 +25,7 @@ CANVAS = (64, 96)
 def _pair(name):
     model = load_config(name, "runlocal").model
     model.unlock()
+    model.fold_bn = False
     plain = detector_lib.build(model, 3)
     model.fold_bn = True
     return plain, detector_lib.build(model, 3)
@@ -56,7 +57,8 @@ def test_fold_keeps_the_variables_and_the_function(family):
     v_folded = experiment.init_variables(folded, CANVAS, 0)
     # the same names, shapes and initial draws: checkpoints and converters cannot tell
     assert jax.tree_util.tree_structure(v_plain) == jax.tree_util.tree_structure(v_folded)
-    for a, b in zip(jax.tree_util.tree_leaves(v_plain), jax.tree_util.tree_leaves(v_folded)):
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(v_plain), leaves(v_folded), strict=True):
         np.testing.assert_array_equal(a, b)
     variables = _trained_like(v_plain, 1)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, *CANVAS, 3), jnp.float32)
@@ -103,6 +105,7 @@ def test_batch_statistics_are_never_folded():
     model.unlock()
     model.norm_eval = False
     model.frozen_stages = -1
+    model.fold_bn = False
     plain = detector_lib.build(model, 3)
     model.fold_bn = True
     folded = detector_lib.build(model, 3)

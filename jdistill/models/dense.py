@@ -142,7 +142,7 @@ def model_defaults(family, depth, **family_fields):
         dtype="float32",  # compute dtype of convs; 'bfloat16' for mixed precision
         # BN on running statistics folded into the conv before it: the same function with less
         # memory traffic (resnet.ResNet; scripts/aot_compile.py measures it)
-        fold_bn=False,
+        fold_bn=True,
     )
     fields.update(family_fields)
     return ml_collections.ConfigDict(fields)
