@@ -59,7 +59,8 @@ class Shared2FCHead(nn.Module):
             f, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32, name=name
         )
         for i in range(2):
-            x = nn.relu(dense_layer(self.fc_channels, layers.xavier_uniform, f"shared_fcs_{i}")(x))
+            fc = dense_layer(self.fc_channels, layers.xavier_uniform, f"shared_fcs_{i}")
+            x = layers.relu(fc(x))
         cls = dense_layer(self.num_classes + 1, layers.normal_001, "fc_cls")(x)
         reg = dense_layer(4 * self.num_classes, nn.initializers.normal(0.001), "fc_reg")(x)
         return cls.astype(jnp.float32), reg.astype(jnp.float32)

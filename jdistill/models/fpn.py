@@ -55,7 +55,7 @@ class FPN(nn.Module):
             if j == 0:
                 src = inputs[-1] if self.add_extra_convs == "on_input" else outs[-1]
             else:
-                src = nn.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                src = layers.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
             outs.append(conv(self.out_channels, 3, 2, f"fpn_convs_{n_used + j}")(src))
         first = self.start_level + 2
         return {f"p{first + i}": o for i, o in enumerate(outs)}

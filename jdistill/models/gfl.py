@@ -49,7 +49,7 @@ class GFLHead(nn.Module):
             c, r, held = layers.conv_towers(x, **towers, dtype=self.dtype, hold=depth)
         else:
             held = None
-            c, r = (nn.relu(t) if depth else t for t in tower)
+            c, r = (layers.relu(t) if depth else t for t in tower)
             c, r = layers.conv_towers((c, r), **towers, dtype=self.dtype, start=depth)
         cls = layers.Conv(
             self.num_classes,

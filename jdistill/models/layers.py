@@ -34,16 +34,28 @@ def compute_dtype(name):
     return dtype
 
 
+@jax.custom_jvp
+def relu(x):
+    """max(x, 0), with its derivative read off the output (1 where it is positive) instead of
+    the input, as torch's in-place ReLU does. The backward pass then keeps the output, not the
+    pre-activation, so a conv, its bias, a residual add and the ReLU fuse into one kernel that
+    writes only the output (XLA keeps a value the backward reads as a kernel's output of its
+    own). Values and gradients are `jax.nn.relu`'s, bit for bit: y > 0 exactly where x > 0."""
+    return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = relu(x)
+    # Behind the barrier XLA cannot rewrite `max(x, 0) > 0` back into `x > 0`, which would keep
+    # the pre-activation alive for the backward pass again.
+    return y, jnp.where(jax.lax.optimization_barrier(y) > 0, t, jnp.zeros_like(t))
+
+
 def prior_bias(prior_prob=0.01):
     """Bias of a sigmoid classifier so every class starts at `prior_prob`: -log((1-p)/p)."""
     return nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob))
-
-
-# A conv on operands of any dtype that returns its float32 accumulator (identical to the plain
-# conv in float32; in bfloat16 the multiplies are bfloat16 and the rounding of the sum is skipped).
-_conv_float32_out = functools.partial(
-    jax.lax.conv_general_dilated, preferred_element_type=jnp.float32
-)
 
 
 class Conv(nn.Module):
@@ -93,12 +105,14 @@ class Conv(nn.Module):
         if self.norm is not None:
             if self.norm != "gn":
                 raise ValueError(f"norm={self.norm!r}: only 'gn' is supported in heads")
-            # GroupNorm takes the conv's float32 accumulator, not a bfloat16-rounded copy: its
-            # statistics come from this very tensor, and where a group has little spread its
-            # output is rounding noise times rsqrt(var + eps) (up to 316x). XLA's default
-            # excess precision may skip the rounding on some uses of a value and not on others,
-            # so even x - mean(x) over one element (P7 is 1 x 1 on the runlocal canvases, one
-            # channel per group) came out +-40 instead of 0 (tests/test_bf16.py).
+            # The conv runs in the compute dtype and GroupNorm in float32 on its output, as mmcv
+            # runs it under autocast. The explicit convert gives every use of the value one
+            # float32 copy: XLA's default excess precision may skip a rounding on some uses of a
+            # value and not on others, and x - mean(x) over one element (P7 is 1 x 1 on the
+            # runlocal canvases, one channel per group) once came out +-40 instead of 0
+            # (tests/test_bf16.py). A conv asked for a float32 result from bfloat16 operands
+            # runs in float32 on a GPU, both operands converted first: FRS-GFL's 100 GroupNorm
+            # convs moved 1.4 GiB per image more that way (scripts/aot_compile.py, README).
             y = nn.Conv(
                 self.features,
                 (self.kernel, self.kernel),
@@ -108,11 +122,10 @@ class Conv(nn.Module):
                 kernel_init=self.kernel_init,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                conv_general_dilated=_conv_float32_out,
                 name="conv",
             )(x)
-            y = GroupNorm32(dtype=self.dtype, name="gn")(y)
-            return nn.relu(y) if self.activate else y
+            y = GroupNorm32(dtype=self.dtype, name="gn")(y.astype(jnp.float32))
+            return relu(y) if self.activate else y
         return nn.Conv(
             self.features,
             (self.kernel, self.kernel),
@@ -235,5 +248,5 @@ def conv_towers(x, *, num_convs, features, norm, dtype, hold=None, start=0):
         c, r = convs[0](c), convs[1](r)
         if hold == i + 1:
             held = (c, r)
-        c, r = nn.relu(c), nn.relu(r)
+        c, r = relu(c), relu(r)
     return (c, r) if hold is None else (c, r, held)

@@ -49,11 +49,11 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
-        out = nn.relu(cb(x, self.planes, 3, self.stride, "conv1", "bn1"))
+        out = layers.relu(cb(x, self.planes, 3, self.stride, "conv1", "bn1"))
         out = cb(out, self.planes, 3, 1, "conv2", "bn2", zero=True)
         if self.downsample:
             x = cb(x, self.planes, 1, self.stride, "downsample_conv", "downsample_bn")
-        return nn.relu(out + x)
+        return layers.relu(out + x)
 
 
 class Bottleneck(nn.Module):
@@ -71,12 +71,12 @@ class Bottleneck(nn.Module):
         cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
         # pytorch style strides the 3x3 conv; caffe style the first 1x1 (resnet.py:155).
         s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
-        out = nn.relu(cb(x, self.planes, 1, s1, "conv1", "bn1"))
-        out = nn.relu(cb(out, self.planes, 3, s2, "conv2", "bn2"))
+        out = layers.relu(cb(x, self.planes, 1, s1, "conv1", "bn1"))
+        out = layers.relu(cb(out, self.planes, 3, s2, "conv2", "bn2"))
         out = cb(out, self.planes * 4, 1, 1, "conv3", "bn3", zero=True)
         if self.downsample:
             x = cb(x, self.planes * 4, 1, self.stride, "downsample_conv", "downsample_bn")
-        return nn.relu(out + x)
+        return layers.relu(out + x)
 
 
 class ResNet(nn.Module):
@@ -123,7 +123,7 @@ class ResNet(nn.Module):
         x = conv_bn(
             x, base, 7, 2, "conv1", "bn1", dtype=self.dtype, bn_train=bn_train(0), fold=self.fold_bn
         )
-        x = nn.relu(x)
+        x = layers.relu(x)
         x = layers.max_pool_3x3_s2(x)
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)

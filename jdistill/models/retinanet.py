@@ -52,7 +52,7 @@ class RetinaHead(nn.Module):
             c, r, held = layers.conv_towers(x, **towers, dtype=self.dtype, hold=depth)
         else:
             held = None
-            c, r = (nn.relu(t) if depth else t for t in tower)
+            c, r = (layers.relu(t) if depth else t for t in tower)
             c, r = layers.conv_towers((c, r), **towers, dtype=self.dtype, start=depth)
         cls = conv(
             self.num_anchors * self.num_classes,

@@ -27,7 +27,7 @@ class RPNHead(nn.Module):
         conv = lambda f, k, name: layers.Conv(  # noqa: E731
             f, k, kernel_init=layers.normal_001, dtype=self.dtype, name=name
         )
-        h = nn.relu(conv(self.feat_channels, 3, "rpn_conv")(x))
+        h = layers.relu(conv(self.feat_channels, 3, "rpn_conv")(x))
         cls = conv(self.num_anchors, 1, "rpn_cls")(h)
         reg = conv(self.num_anchors * 4, 1, "rpn_reg")(h)
         return cls.astype(jnp.float32), reg.astype(jnp.float32)

@@ -1,7 +1,11 @@
-"""Folding frozen BN into the conv before it (`model.fold_bn`, `resnet.conv_bn`) computes the
-same function of the same variables: equal parameter trees and initial values, float32
-outputs and gradients equal within 1e-5 relative, for every family, as teacher (everything
-frozen) and as student (trainable BN affine, frozen stages)."""
+"""The levers that cut a step's memory traffic (README, "Before you rent") compute what the
+plain network computes.
+
+Folding frozen BN into the conv before it (`model.fold_bn`, `resnet.conv_bn`): equal parameter
+trees and initial values, float32 outputs and gradients equal within 1e-5 relative, for every
+family, as teacher (everything frozen) and as student (trainable BN affine, frozen stages); BN
+on batch statistics is never folded. `layers.relu`, whose backward pass reads its output:
+values and gradients bit for bit `jax.nn.relu`'s."""
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +120,20 @@ def test_batch_statistics_are_never_folded():
     np.testing.assert_array_equal(tp["backbone/c5"], tf["backbone/c5"])
     for a, b in zip(jax.tree_util.tree_leaves(sp), jax.tree_util.tree_leaves(sf), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_relu_values_and_gradients_are_jax_nn_relus_bit_for_bit():
+    """`layers.relu` reads its derivative off its output (so the backward pass keeps only the
+    output): the same values and gradients as `jax.nn.relu`, at 0, at -0 and at NaN too."""
+    x = jnp.asarray([-2.0, -0.0, 0.0, 1e-30, 3.0, jnp.nan, -jnp.inf, jnp.inf], jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xs = x.astype(dtype)
+        np.testing.assert_array_equal(layers.relu(xs), jax.nn.relu(xs))
+        g = jax.random.normal(jax.random.PRNGKey(0), x.shape).astype(dtype)
+        ours = jax.vjp(layers.relu, xs)[1](g)[0]
+        theirs = jax.vjp(jax.nn.relu, xs)[1](g)[0]
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(
+            jax.jit(jax.grad(lambda v: jnp.sum(layers.relu(v) * v)))(x),
+            jax.jit(jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * v)))(x),
+        )
