@@ -4,6 +4,7 @@ roofline, and the largest batch that fits.
 
   python scripts/aot_compile.py --config=configs/frs_gfl.py --target=h100:8
       [--batch_per_device=2]   # images per device (the report is per device)
+      [--batch_size=N]         # or a global batch, which must divide over the devices
       [--fit]                  # also find the largest batch per device that fits
       [--dump_hlo=FILE]        # write the compiled train program's text
       [--nopredict]            # the train step only
@@ -37,6 +38,9 @@ from jdistill import cli_flags, exits  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _TARGET = flags.DEFINE_string("target", None, "Accelerator and size, e.g. h100:8 or v5e:2x2.")
 _BATCH = flags.DEFINE_integer("batch_per_device", 2, "Images per device.")
+_GLOBAL = flags.DEFINE_integer(
+    "batch_size", 0, "Global batch instead (0: batch_per_device x devices); must divide."
+)
 _FIT = flags.DEFINE_bool("fit", False, "Find the largest batch per device that fits.")
 _DUMP = flags.DEFINE_string("dump_hlo", "", "Write the compiled train program's text here.")
 _PREDICT = flags.DEFINE_bool("predict", True, "Also compile the predict step.")
@@ -49,8 +53,7 @@ def main(argv):
 
     config = _CONFIG.value
     target = targets.parse(_TARGET.value)
-    if _BATCH.value < 1:
-        raise ValueError(f"--batch_per_device={_BATCH.value}: must be at least 1")
+    per_device = _batch_per_device(target.num_devices)
     devices = targets.devices(target)
     chip = target.chip
     classes = report.num_classes(config, _CLASSES.value)
@@ -58,11 +61,11 @@ def main(argv):
     row = report.row
     row("target", f"{target.spec} ({devices[0].device_kind}, {target.num_hosts} host(s))")
     row("devices", str(target.num_devices))
-    row("batch per device", f"{_BATCH.value} ({_BATCH.value * target.num_devices} per step)")
+    row("batch per device", f"{per_device} ({per_device * target.num_devices} per step)")
     row("canvas", f"{h}x{w} (the config's largest)")
     row("dtype", f"student {config.model.dtype}, teacher {_teacher_dtype(config)}")
     train, predict = report.compile_steps(
-        config, devices, _BATCH.value, classes, predict=_PREDICT.value
+        config, devices, per_device, classes, predict=_PREDICT.value
     )
     for p in (train, predict):
         if p is None:
@@ -85,6 +88,21 @@ def main(argv):
             )
         else:
             row("fits", f"not even 1 image per device within {usable}")
+
+
+def _batch_per_device(num_devices):
+    """Images per device from --batch_per_device or --batch_size; ValueError (one line) for a
+    batch below 1 or a global batch that does not divide over the devices."""
+    if _GLOBAL.value:
+        if _GLOBAL.value < 1 or _GLOBAL.value % num_devices:
+            raise ValueError(
+                f"--batch_size={_GLOBAL.value} does not divide over the target's {num_devices} "
+                "devices (the batch is split evenly over them)"
+            )
+        return _GLOBAL.value // num_devices
+    if _BATCH.value < 1:
+        raise ValueError(f"--batch_per_device={_BATCH.value}: must be at least 1")
+    return _BATCH.value
 
 
 def _teacher_dtype(config):

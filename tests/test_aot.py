@@ -161,14 +161,21 @@ def _rows(stdout):
     return {line[:34].strip(): line[36:] for line in stdout.splitlines() if len(line) > 36}
 
 
-def test_the_script_refuses_unknown_targets_in_one_line():
-    r = _script("--config=configs/frs_retinanet.py:runlocal", "--target=b200:8")
+@pytest.mark.parametrize(
+    "args, cause",
+    [
+        (["--target=b200:8"], "error: --target=b200:8: unknown accelerator 'b200'"),
+        (
+            ["--target=h100:2", "--batch_size=3"],
+            "error: --batch_size=3 does not divide over the target's 2 devices",
+        ),
+        (["--target=h100:2", "--batch_per_device=0"], "error: --batch_per_device=0: must be"),
+    ],
+)
+def test_the_script_refuses_in_one_line(args, cause):
+    r = _script("--config=configs/frs_retinanet.py:runlocal", *args)
     assert r.returncode == 1
-    assert (
-        r.stderr.strip()
-        .splitlines()[-1]
-        .startswith("error: --target=b200:8: unknown accelerator 'b200'")
-    )
+    assert r.stderr.strip().splitlines()[-1].startswith(cause), r.stderr[-500:]
     assert "Traceback" not in r.stderr
 
 
