@@ -72,11 +72,37 @@ def test_traffic_counts_entry_operands_and_results_by_hand():
     assert t.top[1] == (384, "fusions", "add", "jit(f)/add")
 
 
+TPU_HLO = """HloModule t
+
+ENTRY %main (p: f32[8,128]) -> f32[2,128] {
+  %p = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %ss = ((f32[8,128]{1,0:T(8,128)}), f32[2,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%p)
+  %sd = f32[2,128]{1,0:T(8,128)S(1)} slice-done(%ss)
+  %cs = (f32[8,128]{1,0:T(8,128)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%p)
+  %cd = f32[8,128]{1,0:T(8,128)} copy-done(%cs)
+  ROOT %m = f32[2,128]{1,0:T(8,128)} fusion(%sd, %cd), kind=kLoop, calls=%f
+}
+"""
+
+
+def test_tpu_async_starts_and_on_chip_memory():
+    t = traffic.count(TPU_HLO)
+    # the slice prefetched into vector memory: its 1 KiB read from HBM only; the copy: 4 KiB
+    # read and 4 KiB written (its result repeats the source); the fusion reads the slice from
+    # vector memory (0) and the copy from HBM (4 KiB) and writes 1 KiB.
+    assert t.by_kind["other"] == 1024
+    assert t.by_kind["copies and transposes"] == 8192
+    assert t.by_kind["fusions"] == 4096 + 1024
+    assert t.total == 1024 + 8192 + 5120
+
+
 def test_type_bytes():
     assert traffic.type_bytes("bf16[2,3]{1,0}") == 12
     assert traffic.type_bytes("(f32[2]{0}, pred[3]{0}, u8[0]{0})") == 11
     assert traffic.type_bytes("f32[]") == 4
     assert traffic.type_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == 2048
+    assert traffic.type_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}") == 0  # on chip
+    assert traffic.type_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}", hbm_only=False) == 2048
     with pytest.raises(ValueError, match="unknown HLO element type"):
         traffic.type_bytes("q7[2]")
 

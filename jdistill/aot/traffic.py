@@ -4,7 +4,9 @@ The count: in one device's program, the operands and results of the ENTRY comput
 top-level instructions, in bytes, summed. Parameters, tuples, get-tuple-elements, bitcasts and
 constants move nothing and are left out; a slice (and dynamic-slice) counts only the part it
 reads, and dynamic-update-slice, which XLA runs in place, the update it reads and writes; an
-asynchronous pair (`*-start`, `*-done`) is counted once, at its start. Each top-level kernel
+asynchronous pair (`*-start`, `*-done`) is counted once, at its start, whose result repeats
+its operands; arrays a TPU places in on-chip memory (a layout's `S(n)`, n > 0) are not device
+memory and count 0, so a prefetch into vector memory counts its read only. Each top-level kernel
 reads its operands from and writes its results to device memory, so this is the step's HBM
 traffic as the program is scheduled (caches aside).
 
@@ -36,7 +38,8 @@ _DTYPE_BYTES = {
     "c64": 8,
     "c128": 16,
 }
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _NAME = re.compile(r"%([\w.\-]+)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
@@ -81,10 +84,14 @@ class Traffic:
     count: dict
 
 
-def type_bytes(type_text):
-    """Bytes of an HLO type: an array `bf16[2,3]{1,0}`, a tuple of them, or a token (0)."""
+def type_bytes(type_text, hbm_only=True):
+    """Bytes of an HLO type: an array `bf16[2,3]{1,0}`, a tuple of them, or a token (0).
+
+    With `hbm_only`, arrays placed in an on-chip memory space (a TPU layout's `S(n)`, n > 0:
+    vector or scalar memory) count 0: they are not device-memory traffic.
+    """
     total = 0.0
-    for dtype, dims in _ARRAY.findall(type_text):
+    for dtype, dims, layout in _ARRAY.findall(type_text):
         size = _DTYPE_BYTES.get(dtype)
         if size is None:
             if dtype.startswith("f8"):
@@ -93,6 +100,9 @@ def type_bytes(type_text):
                 continue
             else:
                 raise ValueError(f"unknown HLO element type {dtype!r} in {type_text!r}")
+        space = _MEMORY_SPACE.search(layout or "")
+        if hbm_only and space and int(space.group(1)) != 0:
+            continue
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
@@ -218,6 +228,22 @@ def _custom_targets(ins, comps):
     return " ".join(_custom_target(i).lower() for i in comps.get(name, ()))
 
 
+def _tuple_elements(type_text):
+    """The top-level element types of a tuple type's text `(a, (b, c), d)`."""
+    inner = type_text.strip()[1:-1]
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(inner):
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(inner[start:i].strip())
+            start = i + 1
+    parts.append(inner[start:].strip())
+    return parts
+
+
 def _parameter_reads(comp):
     """{parameter index: bytes read} of a fused computation's parameters that are only sliced
     (each slice reads its result's bytes); parameters read whole are absent."""
@@ -241,6 +267,16 @@ def instruction_bytes(ins, sizes, comps=None):
     if ins.opcode in _FREE or ins.opcode.endswith("-done"):
         return 0
     out = type_bytes(ins.type)
+    if ins.opcode == "slice-start":
+        # ((operand), slice, context): reads the slice's part of the operand, and writes it to
+        # device memory unless the slice lands on chip.
+        part = _tuple_elements(ins.type)[1]
+        return type_bytes(part, hbm_only=False) + type_bytes(part)
+    if ins.opcode.endswith("-start") and ins.type.startswith("("):
+        # An asynchronous start whose result is a tuple repeats its operands in it beside the
+        # new buffer and a context (copy-start: dest, src, context): count the operands once.
+        operands = sum(sizes.get(o, 0) for o in ins.operands)
+        return operands + max(0, out - operands)
     if ins.opcode in ("slice", "dynamic-slice"):
         rest = sum(sizes.get(o, 0) for o in ins.operands[1:])  # dynamic-slice's start indices
         return 2 * out + rest
@@ -275,3 +311,29 @@ def count(hlo_text, top=10):
         rows.append((b, kind, ins.name, ins.op_name))
     rows.sort(key=lambda r: -r[0])
     return Traffic(sum(by_kind.values()), dict(by_kind), rows[:top], dict(n))
+
+
+def main(argv=None):
+    """`python -m jdistill.aot.traffic PROGRAM.hlo [IMAGES_PER_DEVICE]`: the count of a program
+    `scripts/aot_compile.py --dump_hlo` wrote, by kind, and its ten largest instructions."""
+    import sys  # noqa: PLC0415
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or len(args) > 2:
+        print("usage: python -m jdistill.aot.traffic PROGRAM.hlo [IMAGES_PER_DEVICE]")
+        return 2
+    images = int(args[1]) if len(args) > 1 else 1
+    with open(args[0]) as f:
+        t = count(f.read())
+    gib = 1024**3
+    print(f"{'total':<24} {t.total / images / gib:8.3f} GiB per image ({images} per device)")
+    for kind in KINDS:
+        n = t.count[kind]
+        print(f"{kind:<24} {t.by_kind[kind] / images / gib:8.3f} GiB  ({n} instructions)")
+    for b, kind, name, op_name in t.top:
+        print(f"{b / gib:8.3f} GiB  {kind:<22} {name}  {op_name[:100]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
