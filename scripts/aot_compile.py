@@ -28,6 +28,9 @@ import sys
 # The CUDA plugin checks the CUDA libraries against a GPU driver that a compile-only machine
 # does not have; TensorFlow (imported by tfds through the data package) only prepares data.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# libtpu locks /tmp/libtpu_lockfile for the process that owns the TPU; a compile-only process
+# owns none, and two of them (two targets compiled at once) must not refuse each other.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402

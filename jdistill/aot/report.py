@@ -187,6 +187,12 @@ def fit(config, devices, chip, classes, first):
     return b, at(b)
 
 
+def _gib(n):
+    """Bytes as GiB: 2 decimals, or 2 significant digits below 0.1 GiB (tiny test programs)."""
+    g = n / GIB
+    return f"{g:.2f}" if g >= 0.1 or g == 0 else f"{g:.2g}"
+
+
 def memory_rows(p, chip):
     m = p.memory
     share = 100 * m.total / chip.memory
@@ -203,13 +209,13 @@ def traffic_rows(p, chip, top=10):
     """The bytes per image by kind, the largest instructions, and the roofline."""
     t = p.traffic
     per_image = t.total / p.batch_per_device
-    step = f"{t.total / GIB:.2f} GiB per device-step"
-    row(f"{p.what} HBM bytes/image", f"{per_image / GIB:.2f} GiB ({step})")
+    step = f"{_gib(t.total)} GiB per device-step"
+    row(f"{p.what} HBM bytes/image", f"{_gib(per_image)} GiB ({step})")
     for kind in traffic_lib.KINDS:
         if t.by_kind.get(kind):
             row(
                 f"  {kind}",
-                f"{t.by_kind[kind] / p.batch_per_device / GIB:.2f} GiB/image "
+                f"{_gib(t.by_kind[kind] / p.batch_per_device)} GiB/image "
                 f"({100 * t.by_kind[kind] / t.total:.0f} %, {t.count[kind]} instructions)",
             )
     flops_image = p.flops / p.images
