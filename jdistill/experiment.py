@@ -2,10 +2,11 @@
 terms, the training state with its shardings, and the jitted step; beside it `make_predict`,
 the predict function that evaluation and `jdistill.predict` jit.
 
-`setup()` is the only place this sequence is written; `train.run`, `scripts/benchmark.py` and
-the multi-device test call it. The teacher is read-only data: a separate variables pytree
-passed into the jitted step, run outside `value_and_grad` under `stop_gradient`, never in the
-optimizer or a checkpoint. One `jax.jit` over a `Mesh` shards the batch over `data`.
+`setup()` is the only place this sequence is written; `train.run`, `scripts/benchmark.py`,
+`scripts/aot_compile.py` (with `abstract=True`: shapes only) and the multi-device test call
+it. The teacher is read-only data: a separate variables pytree passed into the jitted step, run
+outside `value_and_grad` under `stop_gradient`, never in the optimizer or a checkpoint. One
+`jax.jit` over a `Mesh` shards the batch over `data`.
 """
 
 import dataclasses
