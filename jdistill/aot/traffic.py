@@ -1,14 +1,17 @@
 """The memory traffic of a compiled XLA program, counted from its HLO text.
 
 The count: in one device's program, the operands and results of the ENTRY computation's
-top-level instructions, in bytes, summed. Parameters, tuples, get-tuple-elements, bitcasts and
-constants move nothing and are left out; a slice (and dynamic-slice) counts only the part it
-reads, and dynamic-update-slice, which XLA runs in place, the update it reads and writes; an
-asynchronous pair (`*-start`, `*-done`) is counted once, at its start, whose result repeats
-its operands; arrays a TPU places in on-chip memory (a layout's `S(n)`, n > 0) are not device
-memory and count 0, so a prefetch into vector memory counts its read only. Each top-level kernel
-reads its operands from and writes its results to device memory, so this is the step's HBM
-traffic as the program is scheduled (caches aside).
+top-level instructions, in bytes, summed. Each top-level kernel reads its operands from and
+writes its results to device memory, so this is the step's HBM traffic as the program is
+scheduled (caches aside). The rules:
+- parameters, tuples, get-tuple-elements, bitcasts and constants move nothing;
+- a slice (and dynamic-slice) counts only the part it reads, and so does a fusion's operand
+  that its computation only slices (XLA's GPU `wrapped_slice`); dynamic-update-slice, which XLA
+  runs in place, counts the update it reads and writes;
+- an asynchronous pair (`*-start`, `*-done`) counts once, at its start; where the start's
+  result tuple repeats its operands beside the new buffer (copy-start), they count once;
+- arrays a TPU places in on-chip memory (a layout's `S(n)`, n > 0) are not device memory and
+  count nothing, so a prefetch into vector memory counts its read only.
 
 Kinds: convolutions (convolution, cuDNN calls, fusions around a convolution), matmuls (dot,
 cuBLAS calls, fusions around a dot), fusions (the other fusions: elementwise, reductions),
