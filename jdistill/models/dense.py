@@ -65,16 +65,7 @@ class DenseModule(nn.Module):
         taps: `backbone/c{2..5}`, `neck/p{3..7}` (compute dtype), `head/{output name}/p{l}`
         (float32, as `outputs`).
         """
-        feats = resnet_lib.ResNet(
-            self.depth,
-            self.style,
-            self.frozen_stages,
-            self.width,
-            self.norm_eval,
-            self.dtype,
-            self.fold_bn,
-            name="backbone",
-        )(images, train)
+        feats = resnet_lib.ResNet.of(self, name="backbone")(images, train)
         pyramid = fpn_lib.FPN(
             self.neck_channels,
             start_level=1,

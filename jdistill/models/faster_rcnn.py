@@ -85,15 +85,7 @@ class FasterRCNNModule(nn.Module):
     fold_bn: bool = False
 
     def setup(self):
-        self.backbone = resnet_lib.ResNet(
-            self.depth,
-            self.style,
-            self.frozen_stages,
-            self.width,
-            self.norm_eval,
-            self.dtype,
-            self.fold_bn,
-        )
+        self.backbone = resnet_lib.ResNet.of(self)
         self.neck = fpn_lib.FPN(
             self.neck_channels, start_level=0, num_outs=5, add_extra_convs=False, dtype=self.dtype
         )

@@ -106,6 +106,12 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     fold_bn: bool = False
 
+    @classmethod
+    def of(cls, detector, **kwargs):
+        """The backbone a detector module describes with its own fields of the same names."""
+        names = ("depth", "style", "frozen_stages", "width", "norm_eval", "dtype", "fold_bn")
+        return cls(**{n: getattr(detector, n) for n in names}, **kwargs)
+
     @nn.compact
     def __call__(self, x, train=False):
         """x: [N, H, W, 3] -> dict c2..c5 of [N, ceil(H/s), ceil(W/s), C] for s = 4..32.
