@@ -10,25 +10,7 @@ narrows the gap (see README for measured numbers).
 `:runlocal` shrinks it to a few steps (CI).
 """
 
-import ml_collections
-
 from jdistill import config_lib
-
-
-def _model(depth, width, neck):
-    m = config_lib.retinanet(depth)
-    m.width = width
-    m.neck_channels = neck
-    m.stacked_convs = 2
-    # Trained from scratch: nothing to freeze, and BN must learn its statistics (norm_eval=False;
-    # the COCO configs fine-tune ImageNet backbones with frozen BN, as mmdetection does).
-    m.frozen_stages = -1
-    m.norm_eval = False
-    # The shapes are 14-64 px, so anchors start at 16 px on P3 rather than COCO's 32 px.
-    m.octave_base_scale = 2
-    m.test_nms_pre = 300
-    m.test_max_per_img = 50
-    return m
 
 
 def get_config(arg=None):
@@ -38,7 +20,7 @@ def get_config(arg=None):
     data.canvases = ((128, 160), (160, 128))
     data.max_boxes = 8
     data.num_workers = 2
-    config = config_lib.base(_model(18, 0.25, 32), data, lr=0.02)
+    config = config_lib.base(config_lib.scratch_retinanet(18, 0.25, 32), data, lr=0.02)
     config.batch_size = 16
     config.eval_batch_size = 16
     config.log_every = 50  # 48 step lines in all: the demo's log fits on two screens
@@ -47,13 +29,11 @@ def get_config(arg=None):
     config.schedule.epochs = 12
     config.schedule.milestones = (10, 11)  # decay late: short runs are still improving at 8/12
     config.schedule.warmup_steps = 100
-    config.demo = ml_collections.ConfigDict(
-        dict(
-            teacher=_model(34, 0.5, 64),
-            student=_model(18, 0.25, 32),
-            teacher_steps=1000,
-            student_steps=700,
-        )
+    config.demo = config_lib.demo_block(
+        config_lib.scratch_retinanet(34, 0.5, 64),
+        config_lib.scratch_retinanet(18, 0.25, 32),
+        teacher_steps=1000,
+        student_steps=700,
     )
     # FRS with the demo's own weights (the published ones suit full-size COCO models)
     config.distill = config_lib.distill_preset(
@@ -63,16 +43,7 @@ def get_config(arg=None):
         frs_cls=dict(weight=0.05),
     )
     if args.runlocal:
-        for m in (config.demo.teacher, config.demo.student):
-            m.width = 0.125
-            m.neck_channels = 32
-            m.stacked_convs = 1
-        config.demo.teacher_steps = 2
-        config.demo.student_steps = 2
-        config.runlocal = True
-        config.log_every = 1
-        config.schedule.warmup_steps = 1
-        config.eval_max_images = 4
+        config_lib.shrink_demo_for_runlocal(config)
         # 8 images: one per device when the tests simulate 8 devices
         config.batch_size = 8
         config.eval_batch_size = 8

@@ -177,6 +177,55 @@ def base(model, data, lr):
     )
 
 
+def scratch_retinanet(depth, width, neck, max_per_img=50):
+    """A small RetinaNet trained from scratch on a CPU (the demo-shaped recipes: `configs/demo.py`,
+    `configs/bccd.py`): ResNet `depth` at `width`, an FPN and heads of `neck` channels with 2
+    convs per tower, anchors from 16 px on P3."""
+    m = retinanet(depth)
+    m.width = width
+    m.neck_channels = neck
+    m.stacked_convs = 2
+    # Trained from scratch: nothing to freeze, and BN must learn its statistics (norm_eval=False;
+    # the COCO configs fine-tune ImageNet backbones with frozen BN, as mmdetection does).
+    m.frozen_stages = -1
+    m.norm_eval = False
+    # Their objects are 14-64 px (shapes) or 15-120 px (cells at half size), so anchors start at
+    # 16 px on P3 rather than COCO's 32 px.
+    m.octave_base_scale = 2
+    m.test_nms_pre = 300
+    m.test_max_per_img = max_per_img
+    return m
+
+
+def demo_block(teacher, student, teacher_steps, student_steps):
+    """The `config.demo` block of a demo-shaped recipe: its teacher's and student's model blocks
+    and their steps (`jdistill/demo.py` trains the teacher, the baseline and the distilled
+    student; `scripts/compare.py` every method)."""
+    return ml_collections.ConfigDict(
+        dict(
+            teacher=teacher,
+            student=student,
+            teacher_steps=teacher_steps,
+            student_steps=student_steps,
+        )
+    )
+
+
+def shrink_demo_for_runlocal(config):
+    """A demo-shaped recipe at a few steps of tiny networks (CI)."""
+    for m in (config.demo.teacher, config.demo.student):
+        m.width = 0.125
+        m.neck_channels = 32
+        m.stacked_convs = 1
+    config.demo.teacher_steps = 2
+    config.demo.student_steps = 2
+    config.runlocal = True
+    config.log_every = 1
+    config.schedule.warmup_steps = 1
+    config.eval_max_images = 4
+    return config
+
+
 def shrink_for_runlocal(config, steps=4):
     """Tiny widths, small images and a few steps, so CI runs every config end to end."""
     for m in [config.model] + ([config.teacher.model] if config.get("teacher") else []):

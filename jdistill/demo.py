@@ -66,14 +66,22 @@ def run(config, workdir):
 
 
 def table(results):
-    """A plain-text table of the stages' mAPs."""
+    """A plain-text table of the stages' mAPs: COCO's six, or a VOC recipe's (`configs/bccd.py`)
+    mAP and AP50 per class."""
     keys = coco_eval.METRIC_NAMES
-    head = f"{'model':<10}" + "".join(f"{k.replace('bbox_', ''):>10}" for k in keys)
+    first = next(iter(results.values()), {})
+    if "bbox_mAP" not in first and "mAP" in first:
+        keys = ["mAP"] + [k for k in first if k.startswith("AP50/")]
+    width = max(10, *(len(k) - 3 for k in keys))
+    head = f"{'model':<10}" + "".join(
+        f"{k.replace('bbox_', '').replace('AP50/', ''):>{width}}" for k in keys
+    )
     rows = [head, "-" * len(head)]
     for name, m in results.items():
         cells = [m.get(k, -1.0) for k in keys]  # -1: no ground truth in that area range
         rows.append(
             f"{name:<10}"
-            + "".join(f"{100 * v:>10.1f}" if v >= 0 else f"{'n/a':>10}" for v in cells)
+            + "".join(f"{100 * v:>{width}.1f}" if v >= 0 else f"{'n/a':>{width}}" for v in cells)
         )
-    return "\n".join(rows) + "\n" + json.dumps({k: v.get("bbox_mAP") for k, v in results.items()})
+    headline = keys[0]  # bbox_mAP or mAP
+    return "\n".join(rows) + "\n" + json.dumps({k: v.get(headline) for k, v in results.items()})

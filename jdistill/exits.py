@@ -83,6 +83,18 @@ def _message_lines(e):
     return lines or [type(e).__name__]
 
 
+def run(body):
+    """Runs `body()` and ends the process: 0 when it returns, else `report`'s status after one
+    `error: <cause>` line. Never returns."""
+    try:
+        body()
+        code = EXIT_OK
+    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
+        code = report(e)
+    sys.stdout.flush()
+    exit_process(code)
+
+
 def exit_process(code):
     """Flushes the logs and ends the process without interpreter teardown.
 

@@ -29,6 +29,7 @@ from jdistill import (
 )
 from jdistill.data import datasets, pipeline
 from jdistill.distill import balance, plan
+from jdistill.evaluate import distill_maps
 from jdistill.evaluate.runner import close_iterator as _close_iterator
 from jdistill.evaluate.runner import evaluate, make_predict
 
@@ -155,6 +156,11 @@ def _run(config, workdir, stop_at_step, signals):
     finished = False
     try:
         predict_student = jax.jit(make_predict(student, config.model))
+        # Pictures of what the terms weigh or mask, at each evaluation (distill_maps.py).
+        maps_fn = None
+        if distill_maps.drawn_terms(exp.terms) and config.get("num_vis_images", 4) > 0:
+            maps_fn = jax.jit(distill_maps.make_maps_fn(config, exp))
+            strides = dict(zip(student.spec.levels, student.spec.strides, strict=True))
         writer = metrics_writer.MetricWriter(workdir)
         # A run killed after its last checkpoint logged steps this one trains again: drop them
         # (a fresh start drops everything, the teacher's step-0 evaluation included).
@@ -270,6 +276,18 @@ def _run(config, workdir, stop_at_step, signals):
                 data.category_ids,
             )
             writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+            if maps_fn is not None:
+                distill_maps.write(
+                    maps_fn,
+                    _student_vars(state),
+                    teacher_vars,
+                    eval_split,
+                    config,
+                    mesh,
+                    f"{workdir}/eval",
+                    step,
+                    strides,
+                )
             return m
 
         def save(done):

@@ -23,7 +23,6 @@ there). Rows print as they are measured, one `key  value` per line on stdout.
 """
 
 import os
-import sys
 
 # The CUDA plugin checks the CUDA libraries against a GPU driver that a compile-only machine
 # does not have; TensorFlow (imported by tfds through the data package) only prepares data.
@@ -116,13 +115,7 @@ def _teacher_dtype(config):
 def cli(argv):
     """Runs `main`; any failure (an unknown target, a missing plugin, a batch that does not fit
     the devices) ends in one `error:` line and exit 1."""
-    try:
-        main(argv)
-        code = exits.EXIT_OK
-    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
-        code = exits.report(e)
-    sys.stdout.flush()
-    exits.exit_process(code)
+    exits.run(lambda: main(argv))
 
 
 if __name__ == "__main__":

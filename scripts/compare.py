@@ -1,10 +1,12 @@
-"""Every distiller against the baseline on the synthetic demo set, over several seeds.
+"""Every distiller against the baseline on one data set, over several seeds.
 
-  python scripts/compare.py --workdir=/tmp/compare [--seeds=0,1,2] [--steps=300]
-      [--methods=frs,pkd,...] [--balance=both|off|on]
+  python scripts/compare.py --workdir=/tmp/compare [--config=configs/demo.py] [--seeds=0,1,2]
+      [--steps=N] [--methods=frs,pkd,...] [--balance=both|off|on]
 
-The demo's teacher (`configs/demo.py`, RetinaNet R34) is trained once; then a RetinaNet R18
-student trains for `--steps` steps as a baseline and under each method, per seed. Each method
+`--config` is a demo-shaped recipe: `configs/demo.py` (synthetic shapes, the default) or
+`configs/bccd.py` (real blood-cell photos). Its teacher (`config.demo.teacher`, RetinaNet R34)
+is trained once; then its student (RetinaNet R18) trains for `--steps` steps (by default the
+recipe's `demo.student_steps`) as a baseline and under each method, per seed. Each method
 takes its loss block from its RetinaNet config (`METHODS`), so it runs with its published
 weights; with `--balance=both` (the default) it runs again with `distill.auto_balance=True`.
 All students share the teacher's neck and head widths, so every method (CrossKD included)
@@ -15,7 +17,8 @@ teacher's lateral convs do not fit: here they start from scratch like every othe
 distils GFL's box distributions and has no RetinaNet form: it is not in this comparison.
 
 Writes <workdir>/comparison.json (every run's mAP, wall time, loss balance), comparison.md
-(mean +- std of bbox_mAP per method and variant) and comparison.png (a bar chart with error
+(mean +- std of the headline mAP per method and variant: COCO `bbox_mAP`, or VOC `mAP` for a
+VOC recipe) and comparison.png (a bar chart with error
 bars of one std). Each run has its own workdir below <workdir>, so an interrupted comparison
 resumes where it stopped (a finished run's final eval JSON is read back); `--finished_only`
 tabulates what has finished without training anything.
@@ -59,8 +62,13 @@ def define_flags():
     return dict(
         log_all=logs.LOG_ALL,
         workdir=flags.DEFINE_string("workdir", None, "Where the runs and the table go."),
+        config=flags.DEFINE_string(
+            "config", os.path.join(ROOT, "configs", "demo.py"), "The recipe: a demo-shaped config."
+        ),
         seeds=flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run."),
-        steps=flags.DEFINE_integer("steps", 300, "Training steps of every student."),
+        steps=flags.DEFINE_integer(
+            "steps", 0, "Training steps of every student (0: the recipe's demo.student_steps)."
+        ),
         warmup=flags.DEFINE_integer("warmup", 100, "Distillation warm-up of every method."),
         methods=flags.DEFINE_list("methods", list(METHODS), "Methods besides the baseline."),
         balance=flags.DEFINE_enum(
@@ -75,16 +83,24 @@ def define_flags():
 
 
 def load_config(name, arg=None):
-    """`configs/<name>.py`'s config for `arg`."""
-    path = os.path.join(ROOT, "configs", f"{name}.py")
+    """`configs/<name>.py`'s config for `arg`; `name` may also be a path to a config file."""
+    path = name if name.endswith(".py") else os.path.join(ROOT, "configs", f"{name}.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--config={name}: no such config file")
+    name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
 
 
+def headline(config):
+    """The eval metric a comparison ranks by: VOC `mAP` for a VOC recipe, else COCO `bbox_mAP`."""
+    return "mAP" if config.data.get("eval_metric") == "voc" else "bbox_mAP"
+
+
 def student_config(demo, method, seed, steps, warmup, auto_balance, teacher_dir):
-    """The run config of one student: the demo's data and schedule, a RetinaNet R18 with the
+    """The run config of one student: the recipe's data and schedule, a RetinaNet R18 with the
     teacher's neck and head widths, and `method`'s loss block (None: the baseline)."""
     common = {k: v for k, v in demo.to_dict().items() if k not in ("demo", "teacher", "distill")}
     c = ml_collections.ConfigDict(common)
@@ -125,11 +141,11 @@ def runs(methods, balance_mode):
     return out
 
 
-def summarise(results):
-    """{label: [{'mAP', ...} per seed]} -> rows (label, mean, std, n, mean loss ratios)."""
+def summarise(results, metric="bbox_mAP"):
+    """{label: [{metric, ...} per seed]} -> rows (label, mean, std, n, mean loss ratios)."""
     rows = []
     for label, per_seed in results.items():
-        maps = [r["bbox_mAP"] for r in per_seed]
+        maps = [r[metric] for r in per_seed]
         mean = sum(maps) / len(maps)
         std = (
             math.sqrt(sum((m - mean) ** 2 for m in maps) / (len(maps) - 1)) if len(maps) > 1 else 0
@@ -143,13 +159,22 @@ def summarise(results):
     return rows
 
 
-def markdown(rows, steps, seeds, wall_s):
-    """The comparison table (bbox_mAP in %, mean +- sample std over seeds)."""
+def describe(recipe):
+    """'<data set>, RetinaNet R34 w0.5 teacher -> R18 w0.25 student' for a table's caption."""
+    t, s = recipe.demo.teacher, recipe.demo.student
+    data = recipe.data.builder
+    if data == "voc_folder":
+        data = os.path.basename(os.path.normpath(recipe.data.root)) or data
+    return f"{data}, RetinaNet R{t.depth} w{t.width} teacher -> R{s.depth} w{s.width} student"
+
+
+def markdown(rows, steps, seeds, wall_s, caption="synthetic_shapes", metric="bbox_mAP"):
+    """The comparison table (`metric` in %, mean +- sample std over seeds)."""
     lines = [
-        f"Synthetic demo set, RetinaNet R34 teacher -> R18 student, {steps} steps, seeds "
+        f"{caption}, {steps} steps, seeds "
         f"{', '.join(map(str, seeds))}, wall time {wall_s / 60:.0f} min.",
         "",
-        "| student | bbox_mAP (%) | seeds | term / detection loss after warm-up |",
+        f"| student | {metric} (%) | seeds | term / detection loss after warm-up |",
         "|---|---|---|---|",
     ]
     for label, mean, std, n, ratios in rows:
@@ -158,8 +183,8 @@ def markdown(rows, steps, seeds, wall_s):
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows, path, size=(900, 420)):
-    """A PNG bar chart of mean bbox_mAP with one-std error bars, one bar per row."""
+def bar_chart(rows, path, size=(900, 420), metric="bbox_mAP"):
+    """A PNG bar chart of mean `metric` with one-std error bars, one bar per row."""
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
     w, h = size
@@ -189,7 +214,7 @@ def bar_chart(rows, path, size=(900, 420)):
         d.line([(xc - 5, y_hi), (xc + 5, y_hi)], fill="black", width=2)
         d.line([(xc - 5, y_lo), (xc + 5, y_lo)], fill="black", width=2)
         d.text((x0, h - bottom + 6 + 12 * (i % 2)), label, fill="black")
-    d.text((left, h - 30), "bbox_mAP (%), mean and one std over seeds", fill="black")
+    d.text((left, h - 30), f"{metric} (%), mean and one std over seeds", fill="black")
     img.save(path)
 
 
@@ -235,7 +260,7 @@ def check_options(o):
         raise ValueError(f"--seeds={','.join(o['seeds'])}: must be integers, e.g. 0,1,2") from None
     if not seeds:
         raise ValueError("--seeds is empty: give at least one seed, e.g. 0,1,2")
-    if o["steps"] < 1:  # 0 would mean the config's epochs (12 of them), not no training
+    if o["steps"] < 0:
         raise ValueError(f"--steps={o['steps']}: must be a positive number of training steps")
     if o["warmup"] < 0:
         raise ValueError(f"--warmup={o['warmup']}: must be 0 or more steps")
@@ -251,7 +276,11 @@ def main(argv, opts):
     seeds = check_options(o)  # every flag before the workdir is created
     workdir = o["workdir"]
     config_lib.check_workdir(workdir)
-    demo = load_config("demo")
+    demo = load_config(o["config"])
+    if not demo.get("demo"):
+        raise ValueError(f"--config={o['config']}: not a demo-shaped recipe (no `demo` block)")
+    steps = o["steps"] or demo.demo.student_steps
+    metric = headline(demo)
     t0 = time.time()
     _, t_cfg, teacher_dir = demo_lib.stage_configs(demo, workdir)[0]  # the demo's teacher run
     teacher = finished_metrics(teacher_dir, t_cfg.schedule.num_steps)
@@ -260,23 +289,23 @@ def main(argv, opts):
     results = {}
     for label, method, auto in runs(o["methods"], o["balance"]):
         for seed in seeds:
-            cfg = student_config(demo, method, seed, o["steps"], o["warmup"], auto, teacher_dir)
+            cfg = student_config(demo, method, seed, steps, o["warmup"], auto, teacher_dir)
             wd = os.path.join(workdir, label, f"seed{seed}")
             logging.info("compare: %s seed %d in %s", label, seed, wd)
             start = time.time()
-            metrics = finished_metrics(wd, o["steps"])
+            metrics = finished_metrics(wd, steps)
             if metrics is None and o["finished_only"]:
                 continue
             if metrics is None:
                 metrics = train.run(cfg, wd)
                 took = time.time() - start
             else:  # finished earlier: from its files, config written to final eval written
-                took = run_seconds(wd, o["steps"])
+                took = run_seconds(wd, steps)
             window = (o["warmup"], cfg.distill.balance_steps) if method else (0, 0)
             results.setdefault(label, []).append(
                 {
                     "seed": seed,
-                    "bbox_mAP": metrics["bbox_mAP"],
+                    metric: metrics[metric],
                     "wall_s": took,
                     "balance": balance_ratios(wd, *window) if method else {},
                 }
@@ -284,15 +313,15 @@ def main(argv, opts):
     # Every student run's own time (a resumed comparison does not count its earlier sessions
     # in its own clock).
     wall = max(time.time() - t0, sum(r["wall_s"] for v in results.values() for r in v))
-    rows = summarise(results)
-    table = markdown(rows, o["steps"], seeds, wall)
+    rows = summarise(results, metric)
+    table = markdown(rows, steps, seeds, wall, describe(demo), metric)
     paths.write_json(
         os.path.join(workdir, "comparison.json"),
-        {"teacher": teacher, "runs": results, "wall_s": wall, "steps": o["steps"]},
+        {"teacher": teacher, "runs": results, "wall_s": wall, "steps": steps, "metric": metric},
     )
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(table)
-    bar_chart(rows, os.path.join(workdir, "comparison.png"))
+    bar_chart(rows, os.path.join(workdir, "comparison.png"), metric=metric)
     print(table)
 
 
@@ -300,12 +329,7 @@ def cli(argv, opts):
     """Runs `main` and ends the process as `jdistill.main` does: any failure (an unwritable
     workdir, a bad teacher, a diverged run) is one `error:` line and exit 1, never a traceback
     without its cause; SIGTERM / SIGINT stop the run in progress in one line (exit 0)."""
-    try:
-        main(argv, opts)
-        code = exits.EXIT_OK
-    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
-        code = exits.report(e)
-    exits.exit_process(code)
+    exits.run(lambda: main(argv, opts))
 
 
 if __name__ == "__main__":

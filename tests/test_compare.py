@@ -18,8 +18,9 @@ def compare():
     return module
 
 
-def test_every_method_student_is_a_valid_distillation_config(compare):
-    demo = compare.load_config("demo")
+@pytest.mark.parametrize("recipe", ["demo", "bccd"])
+def test_every_method_student_is_a_valid_distillation_config(compare, recipe):
+    demo = compare.load_config(recipe)
     for method in compare.METHODS:
         cfg = compare.student_config(demo, method, 3, 300, 100, True, "/tmp/teacher")
         # the teacher's widths, so head-level methods (CrossKD) apply; the method's own losses
@@ -85,3 +86,28 @@ def test_a_finished_run_is_read_back_not_trained_again(compare, tmp_path):
     assert compare.finished_metrics(str(tmp_path), 5)["bbox_mAP"] == 0.25
     assert compare.finished_metrics(str(tmp_path), 6) is None  # a run stopped before the end
     assert compare.run_seconds(str(tmp_path), 5) == 90
+
+
+def test_a_voc_recipe_ranks_by_voc_map_and_names_its_data(compare):
+    bccd = compare.load_config(str(REPO / "configs" / "bccd.py"))  # a path works too
+    assert compare.headline(bccd) == "mAP"
+    assert compare.headline(compare.load_config("demo")) == "bbox_mAP"
+    assert compare.describe(bccd) == "bccd_voc, RetinaNet R34 w0.5 teacher -> R18 w0.25 student"
+    rows = compare.summarise({"baseline": [{"mAP": 0.5}, {"mAP": 0.7}]}, "mAP")
+    table = compare.markdown(rows, 400, [0, 1], 60, compare.describe(bccd), "mAP")
+    assert table.startswith("bccd_voc, RetinaNet R34 w0.5 teacher -> R18 w0.25 student, 400")
+    assert "| student | mAP (%) |" in table and "| baseline | 60.0 ± 14.1 | 2 | - |" in table
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        compare.load_config("no_such_recipe")
+
+
+def test_the_demo_table_shows_a_voc_recipes_metrics():
+    from jdistill import demo
+
+    voc = {"mAP": 0.5, "AP50/RBC": 0.75, "AP50/WBC": 0.25, "num_gts/RBC": 3.0}
+    text = demo.table({"teacher": voc, "baseline": {**voc, "mAP": 0.125}})
+    head, _, teacher, baseline, summary = text.splitlines()
+    assert head.split() == ["model", "mAP", "RBC", "WBC"]
+    assert teacher.split() == ["teacher", "50.0", "75.0", "25.0"]
+    assert baseline.split()[:2] == ["baseline", "12.5"]
+    assert json.loads(summary) == {"teacher": 0.5, "baseline": 0.125}

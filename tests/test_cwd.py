@@ -227,3 +227,86 @@ def test_maps_of_different_sizes_are_refused():
     t = {"neck/p3": jnp.zeros((1, 7, 6, 2))}
     with pytest.raises(ValueError, match="equal maps"):
         cwd.cwd(s, t, batch_of(1), None, cfg=config(), spec=spec)
+
+
+# ---------------------------------------------------------------- maps
+
+TEACHER, STUDENT = "spatial softmax (teacher)", "spatial softmax (student)"
+
+
+def test_maps_by_hand():
+    # one image, a 2 x 2 map, C = 2: channel 0 peaks at cell (0, 0) with T = ln 5, channel 1 is
+    # flat. Softmaxes (5, 1, 1, 1) / 8 and 1/4 each: mean (7, 3, 3, 3) / 16. S = 0: uniform.
+    spec = pair(det_spec("gfl", ("p3",), (8,), 2), det_spec("gfl", ("p3",), (8,), 2))
+    t = {"neck/p3": jnp.zeros((1, 2, 2, 2)).at[0, 0, 0, 0].set(math.log(5.0))}
+    s = {"neck/p3": jnp.zeros((1, 2, 2, 2))}
+    b = batch_of(1, np.array([[16, 16]], np.int32))
+    got = cwd.cwd_maps(s, t, b, cfg=config(), spec=spec)
+    assert sorted(got) == sorted([TEACHER, STUDENT])
+    np.testing.assert_allclose(got[TEACHER]["p3"][0], [[7 / 16, 3 / 16], [3 / 16, 3 / 16]])
+    np.testing.assert_allclose(got[STUDENT]["p3"][0], np.full((2, 2), 0.25))
+    # tau 2: channel 0 becomes (sqrt 5, 1, 1, 1) / (sqrt 5 + 3)
+    r = math.sqrt(5.0)
+    got = cwd.cwd_maps(s, t, b, cfg=config(tau=2.0), spec=spec)
+    want = (np.array([[r, 1], [1, 1]]) / (r + 3) + 0.25) / 2
+    np.testing.assert_allclose(got[TEACHER]["p3"][0], want, rtol=1e-6)
+    # the image is 8 px wide: column 1 is padding. Over cells (0, 0), (1, 0): channel 0
+    # (5, 1) / 6, channel 1 (1, 1) / 2: mean (2/3, 1/3); padding 0
+    b = batch_of(1, np.array([[16, 8]], np.int32))
+    got = cwd.cwd_maps(s, t, b, cfg=config(), spec=spec)
+    np.testing.assert_allclose(got[TEACHER]["p3"][0], [[2 / 3, 0.0], [1 / 3, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(got[STUDENT]["p3"][0], [[0.5, 0.0], [0.5, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cwd", "cwd_logits"])
+def test_maps_are_the_distributions_of_the_loss(name):
+    # one channel: the map is P itself, and the loss is tau^2 sum P_T (log P_T - log P_S) / N
+    # over the counted cells of the maps' own values
+    spec, b, s, t, valid, s_bad, t_bad = padded_maps(
+        np.random.default_rng(5), lambda *a: random_maps(*a[:2], 1, *a[3:]), 30
+    )
+    prefix = "neck" if name == "cwd" else "head/cls_logits"
+    s_taps, t_taps = to_taps(s_bad, prefix), to_taps(t_bad, prefix)
+    d = registry.get(name)
+    cfg = config(name, tau=1.7)
+    got, metrics = d.loss(s_taps, t_taps, b, None, cfg=cfg, spec=spec)
+    m = d.maps(s_taps, t_taps, b, cfg=cfg, spec=spec)
+    for lvl in spec.student.levels:
+        pt = np.asarray(m[TEACHER][lvl], np.float64)
+        ps = np.asarray(m[STUDENT][lvl], np.float64)
+        assert np.all(pt[valid[lvl] == 0] == 0) and np.all(ps[valid[lvl] == 0] == 0)
+        np.testing.assert_allclose(pt.sum((1, 2)), 1.0, rtol=1e-5)
+        on = valid[lvl] > 0
+        kl = (pt[on] * (np.log(pt[on]) - np.log(ps[on]))).sum()
+        np.testing.assert_allclose(metrics[lvl], 1.7**2 * kl / 2, rtol=1e-4, atol=1e-6)
+    # the student's map is the student's: swapping the sides changes it
+    swapped = d.maps(t_taps, s_taps, b, cfg=cfg, spec=spec)
+    np.testing.assert_allclose(swapped[STUDENT]["p3"], m[TEACHER]["p3"], rtol=1e-6)
+    assert not np.allclose(m[STUDENT]["p3"], m[TEACHER]["p3"], atol=1e-3)
+
+
+def test_maps_keys_levels_shapes_and_jit():
+    assert registered(cwd, "cwd").maps is cwd.cwd_maps
+    assert registry.get("cwd_logits").maps is cwd.cwd_logits_maps
+    rng = np.random.default_rng(6)
+    s, t = to_taps(random_maps(rng, 2, 3)), to_taps(random_maps(rng, 2, 5))
+    # a narrower student: its softmax is of the adapter's output (a parameter): teacher only
+    spec = pair(det_spec("gfl", channels=3), det_spec("gfl", channels=5))
+    fn = functools.partial(cwd.cwd_maps, cfg=config(), spec=spec)
+    got = fn(s, t, batch_of(2))
+    assert list(got) == [TEACHER] and sorted(got[TEACHER]) == sorted(LEVELS)
+    jitted = jax.jit(fn)(s, t, batch_of(2))
+    for lvl in LEVELS:
+        assert got[TEACHER][lvl].shape == t[f"neck/{lvl}"].shape[:3]
+        assert got[TEACHER][lvl].dtype == jnp.float32
+        np.testing.assert_allclose(jitted[TEACHER][lvl], got[TEACHER][lvl], rtol=1e-6)
+    # logits: both sides always; `max_levels` keeps P3, P4
+    prefix = "head/cls_logits"
+    s6, t6 = to_taps(random_maps(rng, 2, 6), prefix), to_taps(random_maps(rng, 2, 6), prefix)
+    head = det_spec("retinanet", num_classes=3, num_anchors=2)
+    got = cwd.cwd_logits_maps(
+        s6, t6, batch_of(2), cfg=config("cwd_logits", max_levels=2), spec=pair(head, head)
+    )
+    assert sorted(got) == sorted([TEACHER, STUDENT])
+    assert all(sorted(v) == ["p3", "p4"] for v in got.values())
+    assert got[STUDENT]["p4"].shape == (2, 4, 3)

@@ -1,14 +1,16 @@
 """DeFeat / FGFI masks and losses against hand-computed values (specs/defeat.md)."""
 
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from helpers.distill import spec_pair
 
-from jdistill.distill import defeat, registry
+from jdistill.distill import api, defeat, registry
 
 
 def test_gt_level_rule_uses_the_legacy_plus_one():
@@ -248,15 +250,18 @@ def _ref_neck_loss(s, t, masks, decoupled, fg_w=3.0, bg_w=12.0):
     return fg_w * fg_total / n + (bg_w * bg_total / n if decoupled else 0.0)
 
 
-@pytest.mark.parametrize("mask", ["gt", "roi"])
-def test_neck_loss_matches_reference_with_padding_as_background(mask):
+def _reference_case(mask, scale=1):
+    """Random gt boxes (a degenerate one, padded gts) and neck taps on P2..P6 of a 128 x 192
+    canvas whose images are 96 x 128, all `scale` times larger (1: every box on P2): (spec,
+    targets, s_taps, t_taps, adapter, s, t, ref_masks) with identity adapters and the
+    reference's masks of kind `mask` (padding as image)."""
     rng = np.random.default_rng(3)
     strides = (4, 8, 16, 32, 64)
-    canvas = (128, 192)
+    canvas = (128 * scale, 192 * scale)
     sizes = [(-(-canvas[0] // s), -(-canvas[1] // s)) for s in strides]
     n, g, c = 2, 5, 3
-    xy = rng.uniform(0, 1, (n, g, 2)) * np.asarray([150, 90])
-    wh = rng.uniform(2, 140, (n, g, 2))
+    xy = rng.uniform(0, 1, (n, g, 2)) * np.asarray([150, 90]) * scale
+    wh = rng.uniform(2, 140 * scale, (n, g, 2))
     boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
     boxes[..., 2] = np.minimum(boxes[..., 2], canvas[1] - 1)
     boxes[..., 3] = np.minimum(boxes[..., 3], canvas[0] - 1)
@@ -277,26 +282,36 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
         "boxes": jnp.asarray(boxes),
         "box_valid": jnp.asarray(valid),
         "image_valid": jnp.ones(n, bool),
-        "pad_shape": jnp.asarray([[96, 128]] * n),
+        "pad_shape": jnp.asarray([[96 * scale, 128 * scale]] * n),
     }
     s_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, s, strict=True)}
     t_taps = {f"neck/{lvl}": jnp.asarray(x) for lvl, x in zip(levels, t, strict=True)}
     # Faster R-CNN's anchors (scale 8, ratios 0.5 / 1 / 2), which the FGFI masks are made of.
     spec = spec_pair(levels, strides, anchors={"anchor_scale": 8, "anchor_ratios": (0.5, 1, 2)})
-    for decoupled in (True, False):
-        cfg = ml_collections.ConfigDict(
-            dict(
-                levels=levels,
-                strides=strides,
-                mask=mask,
-                decoupled=decoupled,
-                fg_weight=3.0,
-                bg_weight=12.0,
-                group_size=0,
-                count_padding=True,
-                roi_phi=0.5,
-            )
+    return spec, targets, s_taps, t_taps, adapter, s, t, ref_masks
+
+
+def _neck_cfg(**overrides):
+    cfg = ml_collections.ConfigDict(
+        dict(
+            mask="gt",
+            decoupled=True,
+            fg_weight=3.0,
+            bg_weight=12.0,
+            group_size=0,
+            count_padding=False,
+            roi_phi=0.5,
         )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("mask", ["gt", "roi"])
+def test_neck_loss_matches_reference_with_padding_as_background(mask):
+    spec, targets, s_taps, t_taps, adapter, s, t, ref_masks = _reference_case(mask)
+    for decoupled in (True, False):
+        cfg = _neck_cfg(mask=mask, decoupled=decoupled, count_padding=True)
         got, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg, spec=spec)
         want = _ref_neck_loss(s, t, ref_masks, decoupled)
         assert float(got) == pytest.approx(want, rel=1e-5), (mask, decoupled)
@@ -304,3 +319,179 @@ def test_neck_loss_matches_reference_with_padding_as_background(mask):
     cfg.update(count_padding=False, decoupled=True)
     ours, _ = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg, spec=spec)
     assert float(ours) != pytest.approx(_ref_neck_loss(s, t, ref_masks, True), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def test_neck_maps_by_hand():
+    # _neck_case's: one gt box marks P2's cell (0, 0) of a 2 x 2 map.
+    targets = {
+        "boxes": jnp.asarray([[[0.0, 0.0, 4.0, 4.0]]]),
+        "box_valid": jnp.asarray([[True]]),
+        "image_valid": jnp.asarray([True]),
+        "pad_shape": jnp.asarray([[8, 8]]),
+        "rng": jax.random.PRNGKey(0),  # an evaluation batch carries one; unused
+    }
+    spec = spec_pair(("p2",), (4,))
+    t_taps = {"neck/p2": jnp.zeros((1, 2, 2, 1))}
+    maps = defeat.neck_maps(
+        {"neck/p2": jnp.zeros((1, 2, 2, 1))}, t_taps, targets, cfg=_neck_cfg(), spec=spec
+    )
+    np.testing.assert_array_equal(maps["foreground"]["p2"], [[[1, 0], [0, 0]]])
+    np.testing.assert_array_equal(maps["background"]["p2"], [[[0, 1], [1, 1]]])
+    # A 4 x 4 px image: the other three cells are padding, neither foreground nor background...
+    small = {**targets, "pad_shape": jnp.asarray([[4, 4]])}
+    maps = defeat.neck_maps({}, t_taps, small, cfg=_neck_cfg(), spec=spec)
+    np.testing.assert_array_equal(maps["background"]["p2"], np.zeros((1, 2, 2)))
+    # ...unless padding counts as image (the reference's).
+    maps = defeat.neck_maps({}, t_taps, small, cfg=_neck_cfg(count_padding=True), spec=spec)
+    np.testing.assert_array_equal(maps["background"]["p2"], [[[0, 1], [1, 1]]])
+    # FGFI (no background term): the foreground only; an invalid image has none.
+    maps = defeat.neck_maps({}, t_taps, targets, cfg=_neck_cfg(decoupled=False), spec=spec)
+    assert list(maps) == ["foreground"]
+    gone = {**targets, "image_valid": jnp.asarray([False])}
+    maps = defeat.neck_maps({}, t_taps, gone, cfg=_neck_cfg(), spec=spec)
+    assert float(maps["foreground"]["p2"].sum() + maps["background"]["p2"].sum()) == 0.0
+
+
+@pytest.mark.parametrize("mask", ["gt", "roi"])
+def test_neck_maps_are_the_reference_masks(mask):
+    # With padding as image, the foreground is the reference's get_gt_mask / get_roi_mask
+    # (FGFI) loop by loop, and the background its complement.
+    spec, targets, _, t_taps, _, _, _, ref_masks = _reference_case(mask, scale=4)
+    assert sum(ref.any() for ref in ref_masks) >= 3  # boxes on several levels
+    cfg = _neck_cfg(mask=mask, count_padding=True)
+    maps = defeat.neck_maps({}, t_taps, targets, cfg=cfg, spec=spec)
+    for lvl, ref in zip(spec.student.levels, ref_masks, strict=True):
+        np.testing.assert_array_equal(maps["foreground"][lvl], ref.astype(np.float32), lvl)
+        np.testing.assert_array_equal(maps["background"][lvl], (~ref).astype(np.float32), lvl)
+
+
+@pytest.mark.parametrize("mask,group_size", [("gt", 0), ("roi", 1), ("all", 0)])
+def test_neck_loss_is_the_one_its_maps_give(mask, group_size):
+    # The loss recomputed from the maps (identity adapters: D = S - T), per group of images:
+    # fg_w * mean_l mean_g sum F D^2 / max(1, 2 C sum F) + bg_w * (the same with B).
+    spec, targets, s_taps, t_taps, adapter, s, t, _ = _reference_case(mask, scale=2)
+    cfg = _neck_cfg(mask=mask, group_size=group_size)
+    maps = defeat.neck_maps(s_taps, t_taps, targets, cfg=cfg, spec=spec)
+    n, c = s[0].shape[0], s[0].shape[-1]
+    groups = [slice(0, n)] if group_size == 0 else [slice(i, i + 1) for i in range(n)]
+    terms = {}
+    for name, weight in (("foreground", 3.0), ("background", 12.0)):
+        per_level = []
+        for lvl, sl, tl in zip(spec.student.levels, s, t, strict=True):
+            m = np.asarray(maps[name][lvl], np.float64)
+            d2 = ((sl.astype(np.float64) - tl) ** 2).sum(-1)
+            per_level.append(
+                np.mean([(m[g] * d2[g]).sum() / max(1.0, 2 * c * m[g].sum()) for g in groups])
+            )
+        terms[name] = weight * np.mean(per_level)
+    got, parts = defeat.defeat_neck(s_taps, t_taps, targets, adapter, cfg=cfg, spec=spec)
+    assert float(parts["fg"]) == pytest.approx(terms["foreground"], rel=1e-5)
+    assert float(parts["bg"]) == pytest.approx(terms["background"], rel=1e-5)
+    assert float(got) == pytest.approx(terms["foreground"] + terms["background"], rel=1e-5)
+    assert float(parts["fg_cells"]) == pytest.approx(
+        sum(float(m.sum()) for m in maps["foreground"].values())
+    )
+    if mask == "all":  # every valid cell is foreground: padding is still left out
+        valid = api.pixel_valid(targets["pad_shape"], s[0].shape[1:3], 4)
+        assert 0 < float(valid.mean()) < 1
+        np.testing.assert_array_equal(maps["foreground"]["p2"], valid)
+        assert float(sum(m.sum() for m in maps["background"].values())) == 0.0
+
+
+def test_neck_maps_keys_shapes_levels_and_jit():
+    spec, targets, s_taps, t_taps, *_ = _reference_case("roi")
+    # The teacher's levels under other names: the maps are keyed by the student's.
+    teacher = dataclasses.replace(spec.teacher, levels=("t2", "t3", "t4", "t5", "t6"))
+    spec = api.Pair(spec.student, teacher)
+    t_taps = {f"neck/t{k[-1]}": v for k, v in t_taps.items()}
+    d = registry.get("defeat_neck")
+    assert d.maps is defeat.neck_maps
+    cfg = _neck_cfg(mask="roi")
+    fn = jax.jit(lambda s, t, b: d.maps(s, t, b, cfg=cfg, spec=spec))
+    maps = fn(s_taps, t_taps, targets)
+    assert sorted(maps) == ["background", "foreground"]
+    for name in maps:
+        assert tuple(maps[name]) == spec.student.levels
+        for lvl, m in maps[name].items():
+            assert m.dtype == jnp.float32 and m.shape == s_taps[f"neck/{lvl}"].shape[:3]
+    eager = d.maps(s_taps, t_taps, targets, cfg=cfg, spec=spec)
+    np.testing.assert_array_equal(maps["foreground"]["p3"], eager["foreground"]["p3"])
+
+
+def _dense_case(rng, anchors, n=2, k=2, hws=((2, 3), (1, 2))):
+    """Random logits on P3, P4 (`hws`), `anchors` priors x k classes a cell, and random
+    positives / negatives (disjoint): (spec, student taps, teacher taps)."""
+    levels = ("p3", "p4")[: len(hws)]
+    spec = spec_pair(levels, (8, 16)[: len(hws)], num_classes=k, num_anchors=anchors)
+    s, t = {}, {}
+    for lvl, (h, w) in zip(levels, hws, strict=True):
+        s[f"head/cls_logits/{lvl}"] = jnp.asarray(rng.normal(size=(n, h, w, anchors * k)) * 2)
+        t[f"head/cls_logits/{lvl}"] = jnp.asarray(rng.normal(size=(n, h, w, anchors * k)) * 2)
+    total = sum(h * w * anchors for h, w in hws)
+    u = rng.uniform(size=(n, total))
+    s["assign/pos"] = jnp.asarray(u < 0.3)
+    s["assign/neg"] = jnp.asarray(u > 0.5)
+    return spec, s, t
+
+
+def test_dense_maps_count_each_cells_priors_by_hand():
+    # P3 1 x 2 and P4 1 x 1, 3 anchors x 1 class: priors (cell, anchor) location-major.
+    spec = spec_pair(("p3", "p4"), (8, 16), num_anchors=3)
+    taps = {
+        "head/cls_logits/p3": jnp.zeros((1, 1, 2, 3)),
+        "head/cls_logits/p4": jnp.zeros((1, 1, 1, 3)),
+        #                        p3 (0, 0) | p3 (0, 1)  | p4 (0, 0)
+        "assign/pos": jnp.asarray([[1, 0, 0, 1, 1, 0, 0, 0, 0]], bool),
+        "assign/neg": jnp.asarray([[0, 1, 1, 0, 0, 0, 1, 1, 1]], bool),
+    }
+    maps = defeat.dense_maps(taps, {}, {}, cfg=None, spec=spec)
+    assert sorted(maps) == ["negative", "positive"]
+    np.testing.assert_array_equal(maps["positive"]["p3"], [[[1, 2]]])
+    np.testing.assert_array_equal(maps["negative"]["p3"], [[[2, 0]]])
+    np.testing.assert_array_equal(maps["positive"]["p4"], [[[0]]])
+    np.testing.assert_array_equal(maps["negative"]["p4"], [[[3]]])
+    bad = {**taps, "assign/pos": taps["assign/pos"][:, :6]}
+    with pytest.raises(ValueError, match="priors"):
+        defeat.dense_maps(bad, {}, {}, cfg=None, spec=spec)
+
+
+@pytest.mark.parametrize("group_size", [0, 1])
+def test_dense_kd_is_the_one_its_maps_give(group_size):
+    # One prior a cell (GFL's case): the loss recomputed from the maps,
+    # w * mean_g sum map kd / max(1, sum map), kd = sum_k softplus(z_s) - sigmoid(z_t) z_s.
+    spec, s, t = _dense_case(np.random.default_rng(5), anchors=1)
+    cfg = ml_collections.ConfigDict(
+        dict(pos_weight=2.0, neg_weight=0.5, temperature=1.0, group_size=group_size)
+    )
+    d = registry.get("defeat_dense_kd")
+    assert d.maps is defeat.dense_maps
+    maps = jax.jit(lambda s, t: d.maps(s, t, {}, cfg=cfg, spec=spec))(s, t)
+    _, parts = d.loss(s, t, {}, None, cfg=cfg, spec=spec)
+    groups = [slice(0, 2)] if group_size == 0 else [slice(0, 1), slice(1, 2)]
+    for name, key, weight in (("positive", "pos", 2.0), ("negative", "neg", 0.5)):
+        num = np.zeros(len(groups))
+        den = np.zeros(len(groups))
+        for lvl in spec.student.levels:
+            zs = np.asarray(s[f"head/cls_logits/{lvl}"], np.float64)
+            q = 1 / (1 + np.exp(-np.asarray(t[f"head/cls_logits/{lvl}"], np.float64)))
+            kd = (np.logaddexp(0, zs) - q * zs).sum(-1)  # [N, H, W]
+            m = np.asarray(maps[name][lvl], np.float64)
+            assert m.shape == zs.shape[:3] and maps[name][lvl].dtype == jnp.float32
+            num += [(m[g] * kd[g]).sum() for g in groups]
+            den += [m[g].sum() for g in groups]
+        assert den.sum() > 0
+        want = weight * np.mean(num / np.maximum(1.0, den))
+        assert float(parts[key]) == pytest.approx(want, rel=1e-5), name
+
+
+def test_dense_maps_shapes_with_several_anchors():
+    spec, s, t = _dense_case(np.random.default_rng(6), anchors=3)
+    maps = defeat.dense_maps(s, t, {}, cfg=None, spec=spec)
+    for name, key in (("positive", "pos"), ("negative", "neg")):
+        assert tuple(maps[name]) == ("p3", "p4")
+        assert maps[name]["p3"].shape == (2, 2, 3) and maps[name]["p4"].shape == (2, 1, 2)
+        assert float(sum(m.sum() for m in maps[name].values())) == float(s[f"assign/{key}"].sum())
+        assert float(max(m.max() for m in maps[name].values())) <= 3

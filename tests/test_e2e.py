@@ -127,7 +127,7 @@ def test_every_config_builds(name):
 
     for arg in (None, "runlocal"):
         config = load_config(name, arg)
-        if name == "demo":
+        if config.get("demo"):  # a demo-shaped recipe (demo, bccd): its three runs' models
             models = [config.demo.teacher, config.demo.student]
         else:
             models = [config.model] + ([config.teacher.model] if config.get("teacher") else [])

@@ -424,3 +424,101 @@ def test_levels_option_selects_pairs():
     with pytest.raises(ValueError, match="no level"):
         fgd.loss(as_jnp(s), as_jnp(t), batch, params, cfg=_cfg(levels=(32,)), spec=spec)
     assert fgd.PRESETS["fgd_faster_rcnn"]["fgd"]["levels"] == (4, 8, 16, 32)
+
+
+# ---------------------------------------------------------------------------------- maps
+
+MAP_NAMES = (
+    "foreground",
+    "background",
+    "spatial attention (teacher)",
+    "channel attention (teacher)",
+    "spatial attention (student)",
+    "channel attention (student)",
+)
+
+
+def test_maps_by_hand():
+    # One image, P3 only: 4 x 4 cells of a 32 x 32 canvas, C = 2, temp 0.5.
+    spec = _spec(2, 2, ("p3",), (8,))
+    v = math.log(17.0)
+    t = jnp.zeros((1, 4, 4, 2)).at[0, 0, 0, 0].set(v)  # mean_c |T| = v / 2 at (0, 0)
+    s = jnp.zeros((1, 4, 4, 2))
+    batch = {
+        # x, y 8..15 -> cells floor(1) .. ceil(1.875) = 1..2 (inclusive): 2 x 2 cells
+        "boxes": jnp.asarray([[[8.0, 8.0, 15.0, 15.0], [0.0, 0.0, 32.0, 32.0]]]),
+        "box_valid": jnp.asarray([[True, False]]),
+        "pad_shape": jnp.asarray([[32, 32]], jnp.int32),
+        "image_valid": jnp.asarray([True]),
+        "image": jnp.zeros((1, 32, 32, 3), jnp.uint8),
+    }
+    got = fgd.fgd_maps({"neck/p3": s}, {"neck/p3": t}, batch, cfg=_cfg(), spec=spec)
+    assert sorted(got) == sorted(MAP_NAMES)
+    box = np.zeros((4, 4), bool)
+    box[1:3, 1:3] = True
+    np.testing.assert_allclose(got["foreground"]["p3"][0], np.where(box, 1 / 4, 0.0))
+    np.testing.assert_allclose(got["background"]["p3"][0], np.where(box, 0.0, 1 / 12), rtol=1e-6)
+    # A_S(T) = 16 softmax(v / 0.5 at (0, 0), 0 elsewhere) = 16 (17, 1, ...) / 32
+    want_sp = np.full((4, 4), 0.5)
+    want_sp[0, 0] = 8.5
+    np.testing.assert_allclose(got["spatial attention (teacher)"]["p3"][0], want_sp, rtol=1e-6)
+    # A_C(T) = 2 softmax((v / 16, 0) / 0.5)
+    e = math.exp(v / 8)
+    want_ch = [2 * e / (e + 1), 2 / (e + 1)]
+    np.testing.assert_allclose(got["channel attention (teacher)"]["p3"][0], want_ch, rtol=1e-6)
+    # S = 0: uniform attentions
+    np.testing.assert_allclose(got["spatial attention (student)"]["p3"], np.ones((1, 4, 4)))
+    np.testing.assert_allclose(got["channel attention (student)"]["p3"], np.ones((1, 2)))
+
+
+def test_maps_are_the_masks_and_attentions_of_the_loss():
+    # equal widths (no align), image 1 padded to 40 x 36 px of the 48 x 64 canvas
+    spec, s, t, params, _, batch = _case(seed=6, cs=6)
+    batch["pad_shape"] = jnp.asarray([[48, 64], [40, 36]], jnp.int32)
+    cfg = _cfg(temp=0.7, **WEIGHTS)
+    _, metrics = fgd.loss(as_jnp(s), as_jnp(t), batch, params, cfg=cfg, spec=spec)
+    m = fgd.fgd_maps(as_jnp(s), as_jnp(t), batch, cfg=cfg, spec=spec)
+    want = dict.fromkeys(("fg", "bg", "at"), 0.0)
+    for lvl in LEVELS:
+        sq = (s[f"neck/{lvl}"].astype(np.float64) - t[f"neck/{lvl}"]) ** 2
+        sp_t = np.asarray(m["spatial attention (teacher)"][lvl], np.float64)
+        ch_t = np.asarray(m["channel attention (teacher)"][lvl], np.float64)
+        err = sq * sp_t[..., None] * ch_t[:, None, None, :]
+        want["fg"] += WEIGHTS["alpha_fgd"] * (err * m["foreground"][lvl][..., None]).sum() / 2
+        want["bg"] += WEIGHTS["beta_fgd"] * (err * m["background"][lvl][..., None]).sum() / 2
+        d_sp = np.abs(m["spatial attention (student)"][lvl] - sp_t).sum()
+        d_ch = np.abs(m["channel attention (student)"][lvl] - ch_t).sum()
+        want["at"] += WEIGHTS["gamma_fgd"] * (d_sp + d_ch) / 2
+        assert float(m["foreground"][lvl][1].max()) > 0  # image 1's box shows
+    for k in want:
+        np.testing.assert_allclose(metrics[k], want[k], rtol=1e-5, err_msg=k)
+    # padding cells of image 1 carry no mask or attention (P3: 5 x 5 of 6 x 8 valid)
+    for name in MAP_NAMES[:3]:
+        assert (
+            float(jnp.abs(m[name]["p3"][1, 5:]).sum() + jnp.abs(m[name]["p3"][1, :, 5:]).sum()) == 0
+        )
+
+
+def test_maps_keys_levels_shapes_and_jit():
+    spec, s, t, _, _, batch = _case(seed=7)  # student 4 channels, teacher 6: an align conv
+    assert registered(fgd, "fgd").maps is fgd.fgd_maps
+    fn = functools.partial(fgd.fgd_maps, cfg=_cfg(), spec=spec)
+    got = fn(as_jnp(s), as_jnp(t), batch)
+    # the student's attentions need the align conv (a parameter): only the teacher's show
+    assert sorted(got) == sorted(MAP_NAMES[:4])
+    for name, by_level in got.items():
+        assert sorted(by_level) == list(LEVELS)
+        for lvl in LEVELS:
+            n, h, w, c = t[f"neck/{lvl}"].shape
+            want = (n, c) if name.startswith("channel") else (n, h, w)
+            assert by_level[lvl].shape == want and by_level[lvl].dtype == jnp.float32, name
+    jitted = jax.jit(fn)(as_jnp(s), as_jnp(t), batch)
+    for name in got:
+        for lvl in LEVELS:
+            np.testing.assert_allclose(jitted[name][lvl], got[name][lvl], rtol=1e-6, atol=1e-7)
+    # equal widths: all six; `levels` keeps P4 alone
+    spec6, s6, t6, _, _, batch6 = _case(seed=7, cs=6)
+    got = fgd.fgd_maps(as_jnp(s6), as_jnp(t6), batch6, cfg=_cfg(levels=(16,)), spec=spec6)
+    assert sorted(got) == sorted(MAP_NAMES)
+    assert all(sorted(v) == ["p4"] for v in got.values())
+    assert got["channel attention (student)"]["p4"].shape == (2, 6)

@@ -119,3 +119,25 @@ def test_registry_and_warmup():
         assert "frs_feat" in str(e)
     else:
         raise AssertionError("unknown loss name must raise")
+
+
+def test_richness_map_is_the_mask_both_terms_weigh_by():
+    # Teacher logits 0 and ln 3 (K=2 max) on a 1x2 grid, the image one cell wide: the map is
+    # M = (.5, .75) times the pixel mask (1, 0), the weights of both terms.
+    t_logits = jnp.array([[[[0.0, -5.0], [math.log(3.0), 0.0]]]])
+    batch = {"pad_shape": jnp.array([[8, 8]])}
+    for name in ("frs_feat", "frs_cls"):
+        maps = registry.get(name).maps(None, taps(None, t_logits), batch, cfg=CFG, spec=SPEC)
+        assert list(maps) == ["richness (teacher)"] and list(maps["richness (teacher)"]) == ["p3"]
+        np.testing.assert_allclose(maps["richness (teacher)"]["p3"], [[[0.5, 0.0]]], rtol=1e-6)
+    # The loss divides by the map's mass: T^2 = 5 at the one counted cell, weight .5.
+    t_feat = jnp.array([[[[1.0, 2.0], [3.0, 0.0]]]])
+    l_feat, _ = frs.frs_feat(
+        taps(jnp.zeros((1, 1, 2, 2)), None),
+        taps(t_feat, t_logits),
+        batch,
+        identity_adapter(2),
+        cfg=CFG,
+        spec=SPEC,
+    )
+    np.testing.assert_allclose(l_feat, 0.5 * 5 / 0.5, rtol=1e-6)

@@ -199,6 +199,65 @@ def test_only_positives_count_so_padding_never_does():
     assert float(clean) > 0
 
 
+def test_main_region_maps_by_hand():
+    # One level of 2 x 3 cells, K = 2; positives at cells (0, 1) and (1, 2).
+    spec = spec_pair(1)
+    one = dataclasses.replace(spec.student, levels=("p3",), strides=(8,), num_classes=2)
+    spec = api.Pair(one, one)
+    cls = np.full((1, 2, 3, 2), -9.0, np.float32)
+    cls[0, 0, 1] = [0.0, -1.0]  # w = sigmoid(0) = 0.5
+    cls[0, 1, 2] = [-2.0, math.log(3.0)]  # w = sigmoid(ln 3) = 0.75
+    cls[0, 1, 0] = [5.0, 5.0]  # a confident negative: no weight
+    s = {
+        "head/cls_logits/p3": jnp.asarray(cls),
+        "head/bbox_dist/p3": jnp.zeros((1, 2, 3, 8)),
+        "assign/pos": jnp.asarray([[0, 1, 0, 0, 0, 1]], bool),
+    }
+    batch = {"rng": jax.random.PRNGKey(0)}  # an evaluation batch's; unused
+    maps = ld.main_region_maps(s, {}, batch, cfg=config(), spec=spec)
+    assert sorted(maps) == ["main region", "weight (student score)"]
+    np.testing.assert_array_equal(maps["main region"]["p3"], [[[0, 1, 0], [0, 0, 1]]])
+    np.testing.assert_allclose(
+        maps["weight (student score)"]["p3"], [[[0, 0.5, 0], [0, 0, 0.75]]], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="priors"):
+        ld.main_region_maps(
+            {**s, "assign/pos": s["assign/pos"][:, :5]}, {}, batch, cfg=config(), spec=spec
+        )
+
+
+@pytest.mark.parametrize("group_size", [2, 0])
+def test_loss_is_the_one_its_maps_give(group_size):
+    # sum_levels sum_cells weight map * sum_sides KL / (4 + eps) / groups is the loss, and the
+    # main region is the student's positives (labels < K), cell by cell.
+    rng = np.random.default_rng(4)
+    maps_np, labels = random_case(rng, 4)
+    s, t = taps_of(maps_np, labels)
+    cfg, spec = config(group_size=group_size), spec_pair()
+    d = registry.get("ld")
+    assert d.maps is ld.main_region_maps
+    maps = jax.jit(lambda s, t: d.maps(s, t, {}, cfg=cfg, spec=spec))(s, t)
+    got, metrics = d.loss(s, t, {}, None, cfg=cfg, spec=spec)
+    groups = 2 if group_size == 2 else 1
+    start, want = 0, 0.0
+    for lvl, stride in zip(LEVELS, STRIDES, strict=True):
+        h, w = level_hw(stride)
+        region = (labels[:, start : start + h * w] < K).reshape(4, h, w)
+        start += h * w
+        np.testing.assert_array_equal(maps["main region"][lvl], region.astype(np.float32))
+        weight = np.asarray(maps["weight (student score)"][lvl], np.float64)
+        assert weight.shape == (4, h, w) and maps["main region"][lvl].dtype == jnp.float32
+        assert not (weight[~region] != 0).any() and (weight[region] > 0).all()
+        b = REG_MAX + 1
+        sd = s[f"head/bbox_dist/{lvl}"].reshape(4, h, w, 4, b)
+        td = t[f"head/bbox_dist/{lvl}"].reshape(4, h, w, 4, b)
+        kl = np.asarray(ld.side_kl(sd, td, cfg.tau), np.float64).sum(-1)  # [N, H, W]
+        term = (weight * kl).sum() / (4 + EPS) / groups
+        np.testing.assert_allclose(metrics[lvl], term, rtol=1e-5)
+        want += term
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_gradient_reaches_the_student_distributions_only_and_jit_agrees():
     rng = np.random.default_rng(2)

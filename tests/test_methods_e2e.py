@@ -6,12 +6,13 @@ its own check) on the same student at once, with auto-balance on: one compile co
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
 from helpers.paths import load_config
 
-from jdistill import train
+from jdistill import train, visualize
 from jdistill.distill import api, plan, registry
 from jdistill.models import detector as detector_lib
 
@@ -65,3 +66,15 @@ def test_every_applicable_method_trains_together(base, tmp_path):
         # auto-balance sets each scale once, at the window's last step (log step 4)
         assert scales[:3] == [1.0, 1.0, 1.0] and scales[3] != 1.0, (name, scales)
     assert rows[-1]["student/loss"] > 0
+    # Every method that weighs or masks locations drew its maps at the final evaluation, and
+    # `python -m jdistill.visualize` draws the same files, byte for byte, from the checkpoint.
+    drawn = [n for n in names if registry.get(n).maps is not None]
+    assert {"frs_feat", "defeat_neck", "fgd", "mgd"} <= set(drawn)
+    written = visualize.draw(str(tmp_path), out=str(tmp_path / "redrawn"))
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        f"step_4.maps.{n}.png" for n in drawn
+    )
+    for name in drawn:
+        png = (tmp_path / "eval" / f"step_4.maps.{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert png == (tmp_path / "redrawn" / f"step_4.maps.{name}.png").read_bytes(), name

@@ -325,3 +325,67 @@ def test_levels_option_selects_pairs():
         mgd.loss_with_masks(
             as_jnp(s), as_jnp(t), batch, params, {}, cfg=_cfg(levels=(32,)), spec=spec
         )
+
+
+# ---------------------------------------------------------------------------------- maps
+
+
+def test_maps_by_hand():
+    # the documented rule, by hand: key = fold_in(fold_in(rng, "MGD"), pair index);
+    # u ~ U[0, 1) of shape [N, H, W, 1]; kept (1) where u <= 1 - lambda
+    spec, s, t, _, _, batch = _case(seed=3)
+    rng = jax.random.PRNGKey(11)
+    batch = dict(batch, rng=rng)
+    got = mgd.mgd_maps(as_jnp(s), as_jnp(t), batch, cfg=_cfg(lambda_mgd=0.4), spec=spec)
+    for i, lvl in enumerate(LEVELS):
+        key = jax.random.fold_in(jax.random.fold_in(rng, 0x4D4744), i)
+        u = np.asarray(jax.random.uniform(key, (*s[f"neck/{lvl}"].shape[:3], 1)))[..., 0]
+        np.testing.assert_array_equal(got["random mask"][lvl], (u <= 0.6).astype(np.float32))
+        assert 0 < float(got["random mask"][lvl].mean()) < 1
+    # lambda 0 masks nothing
+    none = mgd.mgd_maps(as_jnp(s), as_jnp(t), batch, cfg=_cfg(lambda_mgd=0.0), spec=spec)
+    assert all(float(m.min()) == 1.0 for m in none["random mask"].values())
+
+
+def test_maps_are_the_masks_of_the_loss():
+    spec, s, t, params, _, batch = _case(seed=4)
+    batch = dict(batch, rng=jax.random.fold_in(jax.random.PRNGKey(5), 3))
+    batch["pad_shape"] = jnp.asarray([[40, 48], [24, 32]], jnp.int32)
+    for cfg in (_cfg(alpha_mgd=1.0), _cfg(alpha_mgd=1.0, mask_on_channel=True)):
+        got, _ = mgd.loss(as_jnp(s), as_jnp(t), batch, params, cfg=cfg, spec=spec)
+        m = mgd.mgd_maps(as_jnp(s), as_jnp(t), batch, cfg=cfg, spec=spec)["random mask"]
+        if cfg.mask_on_channel:
+            masks = {i: m[lvl][:, None, None, :] for i, lvl in enumerate(LEVELS)}
+        else:
+            masks = {i: m[lvl][..., None] for i, lvl in enumerate(LEVELS)}
+        want, _ = mgd.loss_with_masks(
+            as_jnp(s), as_jnp(t), batch, params, masks, cfg=cfg, spec=spec
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        # and not any mask: another key's gives another loss
+        other = mgd.mgd_maps(
+            as_jnp(s), as_jnp(t), dict(batch, rng=jax.random.PRNGKey(6)), cfg=cfg, spec=spec
+        )["random mask"]
+        assert not np.array_equal(other["p3"], m["p3"])
+    del batch["rng"]
+    with pytest.raises(KeyError, match="rng"):
+        mgd.mgd_maps(as_jnp(s), as_jnp(t), batch, cfg=_cfg(), spec=spec)
+
+
+def test_maps_keys_levels_shapes_and_jit():
+    assert registered(mgd, "mgd").maps is mgd.mgd_maps
+    spec, s, t, _, _, batch = _case(seed=5)  # student 3 channels, teacher 4
+    batch = dict(batch, rng=jax.random.PRNGKey(2))
+    fn = functools.partial(mgd.mgd_maps, cfg=_cfg(), spec=spec)
+    got = fn(as_jnp(s), as_jnp(t), batch)
+    assert list(got) == ["random mask"] and sorted(got["random mask"]) == list(LEVELS)
+    for lvl in LEVELS:
+        m = got["random mask"][lvl]
+        assert m.shape == s[f"neck/{lvl}"].shape[:3] and m.dtype == jnp.float32
+    jitted = jax.jit(fn)(as_jnp(s), as_jnp(t), batch)
+    for lvl in LEVELS:
+        np.testing.assert_array_equal(jitted["random mask"][lvl], got["random mask"][lvl])
+    # per channel: [N, C_t]; `levels` keeps P4 alone
+    cfg = _cfg(mask_on_channel=True, levels=(16,))
+    got = mgd.mgd_maps(as_jnp(s), as_jnp(t), batch, cfg=cfg, spec=spec)
+    assert sorted(got["random mask"]) == ["p4"] and got["random mask"]["p4"].shape == (2, 4)

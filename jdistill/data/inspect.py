@@ -110,12 +110,7 @@ def draw(split, n, path):
 def main(argv):
     """Runs the report and ends the process: 0, or one line `error: <cause>` and 1."""
     del argv  # `cli_flags.parse_flags` refused any positional argument
-    try:
-        _report()
-        code = exits.EXIT_OK
-    except BaseException as e:  # noqa: BLE001 (every way out is reported in one line)
-        code = exits.report(e)
-    exits.exit_process(code)
+    exits.run(_report)
 
 
 def _report():

@@ -90,6 +90,14 @@ class Distiller:
         string says why, for the error message ('' for feature-level methods).
       check: optional `check(cfg, spec) -> str | None`, an error for a pair or settings the
         method cannot take (None: fine).
+      maps: optional `maps(student_taps, teacher_taps, batch, *, cfg, spec) -> {name: {level:
+        array}}`, what the method weighs or masks locations by, for pictures
+        (`jdistill/evaluate/distill_maps.py`): per map `name` (e.g. 'richness (teacher)') and
+        student level (e.g. 'p3'), an [N, H, W] float32 map on that level's grid (drawn over
+        the images) or an [N, C] per-channel vector (drawn as bars). Its inputs are the loss's,
+        from an evaluation batch (`batch['rng']` a fixed key), without the method's own
+        parameters: a map shows what the method computes from the two detectors and the
+        labels, not what it has learnt.
     """
 
     loss: Callable
@@ -100,6 +108,7 @@ class Distiller:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     same_family: str = ""
     check: Callable | None = None
+    maps: Callable | None = None
 
 
 def paired_levels(spec, strides=None):

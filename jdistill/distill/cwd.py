@@ -56,6 +56,13 @@ def masked_log_softmax(x, counted):
     return jax.nn.log_softmax(jnp.where(counted, x, _MASKED), axis=(1, 2))
 
 
+def spatial_log_softmax(x, valid, tau):
+    """log P = log softmax_{h,w}(x / tau) of every (image, channel) over its image's counted
+    cells. x: [N, H, W, C] float32; valid: [N, H, W] float32 counted cells -> [N, H, W, C]
+    (uncounted cells: P exactly 0, where the image has a counted cell)."""
+    return masked_log_softmax(x / tau, (valid > 0)[..., None])
+
+
 def cwd_level(student, teacher, valid, tau):
     """CWD of one level pair, unweighted.
 
@@ -72,27 +79,58 @@ def cwd_level(student, teacher, valid, tau):
             f"CWD needs equal maps, got student {student.shape} teacher {teacher.shape}"
         )
     counted = (valid > 0)[..., None]
-    log_pt = masked_log_softmax(teacher / tau, counted)
-    log_ps = masked_log_softmax(student / tau, counted)
+    log_pt = spatial_log_softmax(teacher, valid, tau)
+    log_ps = spatial_log_softmax(student, valid, tau)
     kl = jnp.where(counted, jnp.exp(log_pt) * (log_pt - log_ps), 0.0)
     images = (valid.reshape(valid.shape[0], -1).max(1) > 0).sum().astype(jnp.float32)
     return tau**2 * kl.sum() / (jnp.maximum(images, 1.0) * student.shape[-1])
+
+
+def _pairs(prefix, student_taps, teacher_taps, batch, params, cfg, spec):
+    """Per selected level pair of taps `{prefix}/p{l}`: (student level name, S [N, H, W, C]
+    float32 through the pair's adapter when `params` is not None, T [N, H, W, C] float32
+    under stop_gradient, valid [N, H, W] float32 counted cells)."""
+    for i, s_lvl, t_lvl, stride in api.selected_levels(cfg, spec):
+        s = student_taps[f"{prefix}/{s_lvl}"].astype(jnp.float32)
+        t = jax.lax.stop_gradient(teacher_taps[f"{prefix}/{t_lvl}"].astype(jnp.float32))
+        if params is not None:
+            s = adapters.apply_level(params, i, s)
+        yield s_lvl, s, t, pkd.valid_cells(batch, t.shape[1:3], stride, cfg)
 
 
 def _cwd(prefix, student_taps, teacher_taps, batch, params, cfg, spec):
     """Sum of `cwd_level` over the selected level pairs of taps `{prefix}/p{l}`."""
     total = jnp.float32(0.0)
     metrics = {}
-    for i, s_lvl, t_lvl, stride in api.selected_levels(cfg, spec):
-        s = student_taps[f"{prefix}/{s_lvl}"].astype(jnp.float32)
-        t = jax.lax.stop_gradient(teacher_taps[f"{prefix}/{t_lvl}"].astype(jnp.float32))
-        if params is not None:
-            s = adapters.apply_level(params, i, s)
-        valid = pkd.valid_cells(batch, t.shape[1:3], stride, cfg)
+    for s_lvl, s, t, valid in _pairs(prefix, student_taps, teacher_taps, batch, params, cfg, spec):
         term = cwd_level(s, t, valid, cfg.get("tau", 1.0))
         metrics[s_lvl] = term
         total = total + term
     return total, metrics
+
+
+def spatial_softmax_map(x, valid, tau):
+    """The per-channel spatial softmax of `cwd_level`, averaged over channels for display:
+    mean_c P[..., c] with P = exp(`spatial_log_softmax`(x, valid, tau)), 0 on uncounted cells.
+
+    x: [N, H, W, C] float32; valid: [N, H, W] float32 -> [N, H, W] float32, summing to 1 over
+    each image's counted cells (0 everywhere for an image without one).
+    """
+    p = jnp.where((valid > 0)[..., None], jnp.exp(spatial_log_softmax(x, valid, tau)), 0.0)
+    return p.mean(-1)
+
+
+def _maps(prefix, student_taps, teacher_taps, batch, cfg, spec, student):
+    """{'spatial softmax (teacher)', and with `student` '... (student)': {level: [N, H, W]}}."""
+    tau = cfg.get("tau", 1.0)
+    out = {"spatial softmax (teacher)": {}}
+    if student:
+        out["spatial softmax (student)"] = {}
+    for s_lvl, s, t, valid in _pairs(prefix, student_taps, teacher_taps, batch, None, cfg, spec):
+        out["spatial softmax (teacher)"][s_lvl] = spatial_softmax_map(t, valid, tau)
+        if student:
+            out["spatial softmax (student)"][s_lvl] = spatial_softmax_map(s, valid, tau)
+    return out
 
 
 def cwd(student_taps, teacher_taps, batch, params, *, cfg, spec):
@@ -111,11 +149,33 @@ def cwd(student_taps, teacher_taps, batch, params, *, cfg, spec):
     return _cwd("neck", student_taps, teacher_taps, batch, params, cfg, spec)
 
 
+def cwd_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """The spatial distributions `cwd` compares, per selected level pair
+    (`api.Distiller.maps`), each the mean over channels of the per-channel spatial softmax
+    (`spatial_softmax_map`, temperature `tau`).
+
+    Args: as `cwd`, without `params`.
+    Returns:
+      {'spatial softmax (teacher)': {student level: [N, H, W] float32}}, plus 'spatial softmax
+      (student)' when the neck widths match: otherwise the loss takes the student's softmax of
+      its adapter's output, and the adapter is a trained parameter that maps do not get.
+    """
+    student = spec.student.channels == spec.teacher.channels
+    return _maps("neck", student_taps, teacher_taps, batch, cfg, spec, student)
+
+
 def cwd_logits(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """CWD on classification logits `head/cls_logits/p{l}` [N, H, W, A*K] (float32), one
     spatial distribution per (image, anchor, class) channel. Args and returns as `cwd`."""
     del params
     return _cwd("head/cls_logits", student_taps, teacher_taps, batch, None, cfg, spec)
+
+
+def cwd_logits_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """As `cwd_maps`, on `head/cls_logits/p{l}` [N, H, W, A*K]: {'spatial softmax (teacher)',
+    'spatial softmax (student)': {student level: [N, H, W] float32}}, each the mean over the
+    A*K channels of the per-channel spatial softmax (no adapter: both always shown)."""
+    return _maps("head/cls_logits", student_taps, teacher_taps, batch, cfg, spec, True)
 
 
 def init(rng, *, cfg, spec):
@@ -154,6 +214,7 @@ DISTILLERS = {
             "count_padding": False,
         },
         check=check,
+        maps=cwd_maps,
     ),
     "cwd_logits": api.Distiller(
         cwd_logits,
@@ -171,6 +232,7 @@ DISTILLERS = {
             "scores other things (GFL's joint class-quality, FCOS's class logits, anchors)"
         ),
         check=check_logits,
+        maps=cwd_logits_maps,
     ),
 }
 

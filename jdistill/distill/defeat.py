@@ -120,6 +120,33 @@ def level_masks(cfg, targets, level_hws, strides, anchors):
     return masks
 
 
+def neck_masks(teacher_taps, targets, *, cfg, spec):
+    """The locations each term of `defeat_neck` averages over, per level pair.
+
+    Foreground F = M V and background B = (1 - M) V, with M the configured mask (`level_masks`)
+    and V the pixel validity (`api.level_valid`) times the image validity.
+
+    Args:
+      teacher_taps: `neck/{level}` [N, H, W, C] (only their grids are read).
+      targets: the batch: `boxes` [N, G, 4], `box_valid` [N, G], `image_valid` [N],
+        `pad_shape` [N, 2].
+      cfg, spec: as `defeat_neck`'s.
+    Returns:
+      [(pair index, student level, teacher level, F [N, H, W], B [N, H, W])] float32 in {0, 1},
+      on the teacher level's grid (the student's: the two are compared cell by cell).
+    """
+    pairs = api.paired_levels(spec)
+    hws = [tuple(teacher_taps[f"neck/{t_lvl}"].shape[1:3]) for _, _, t_lvl, _ in pairs]
+    strides = [stride for *_, stride in pairs]
+    masks = level_masks(cfg, targets, hws, strides, spec.student.anchors)
+    out = []
+    for (i, s_lvl, t_lvl, stride), hw, mask in zip(pairs, hws, masks, strict=True):
+        valid = api.level_valid(targets, hw, stride, cfg)
+        valid = valid * targets["image_valid"][:, None, None]
+        out.append((i, s_lvl, t_lvl, mask * valid, (1.0 - mask) * valid))
+    return out
+
+
 def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat's decoupled neck loss (`decoupled=True`) or FGFI's foreground-only loss.
 
@@ -140,28 +167,37 @@ def defeat_neck(student_taps, teacher_taps, targets, adapter_params, *, cfg, spe
     Returns:
       (scalar, {'fg', 'bg', 'fg_cells'}).
     """
-    pairs = api.paired_levels(spec)
-    hws = [tuple(teacher_taps[f"neck/{t_lvl}"].shape[1:3]) for _, _, t_lvl, _ in pairs]
-    strides = [stride for *_, stride in pairs]
-    masks = level_masks(cfg, targets, hws, strides, spec.student.anchors)
+    levels = neck_masks(teacher_taps, targets, cfg=cfg, spec=spec)
     g = cfg.get("group_size", 0)
     fg_total, bg_total, cells = 0.0, 0.0, 0.0
-    for i, s_lvl, t_lvl, stride in pairs:
+    for i, s_lvl, t_lvl, fg, bg in levels:
         s = adapters.apply_level(adapter_params, i, student_taps[f"neck/{s_lvl}"])
         t = jax.lax.stop_gradient(teacher_taps[f"neck/{t_lvl}"].astype(jnp.float32))
         c = t.shape[-1]
-        valid = api.level_valid(targets, hws[i], stride, cfg)
-        valid = valid * targets["image_valid"][:, None, None]
         sq = jnp.square(s - t).sum(-1)  # [N, H, W]
-        fg = masks[i] * valid
-        bg = (1.0 - masks[i]) * valid
         fg_total += jnp.mean(_groups(fg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(fg, g)))
         bg_total += jnp.mean(_groups(bg * sq, g) / jnp.maximum(1.0, 2 * c * _groups(bg, g)))
         cells += fg.sum()
-    n_levels = len(pairs)
+    n_levels = len(levels)
     fg_loss = cfg.fg_weight * fg_total / n_levels
     bg_loss = cfg.bg_weight * bg_total / n_levels if cfg.get("decoupled", True) else 0.0
     return fg_loss + bg_loss, {"fg": fg_loss, "bg": jnp.float32(bg_loss), "fg_cells": cells}
+
+
+def neck_maps(student_taps, teacher_taps, targets, *, cfg, spec):
+    """What `defeat_neck` averages its terms over (`api.Distiller.maps`): `neck_masks`' F as
+    'foreground' (gt boxes, or FGFI's RoI-anchor cells with `mask='roi'`) and, when the loss
+    has a background term (`decoupled`), B as 'background'.
+
+    Returns:
+      {'foreground': {student level: [N, H, W]}, 'background': {...}} float32 in {0, 1}.
+    """
+    del student_taps
+    levels = neck_masks(teacher_taps, targets, cfg=cfg, spec=spec)
+    out = {"foreground": {s_lvl: fg for _, s_lvl, _, fg, _ in levels}}
+    if cfg.get("decoupled", True):
+        out["background"] = {s_lvl: bg for _, s_lvl, _, _, bg in levels}
+    return out
 
 
 def temperature_kl(student_logits, teacher_logits, rows, temperature, group_size=0):
@@ -207,6 +243,18 @@ def defeat_roi_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, s
     return fg + bg, {"fg": fg, "bg": bg}
 
 
+def dense_selection(student_taps):
+    """The priors each term of `defeat_dense_kd` averages over: the student assigner's
+    positives and negatives (ignored priors in neither).
+
+    Args:
+      student_taps: `assign/pos`, `assign/neg` [N, P] bool, P = sum_l H_l W_l A_l.
+    Returns:
+      {'pos': [N, P], 'neg': [N, P]} float32 in {0, 1}.
+    """
+    return {name: student_taps[f"assign/{name}"].astype(jnp.float32) for name in ("pos", "neg")}
+
+
 def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg, spec):
     """DeFeat for one-stage detectors: decoupled dense classification KD.
 
@@ -216,7 +264,7 @@ def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg,
 
     Per prior, kd = T^2 * sum_k BCE(sigmoid(z_s / T), sigmoid(z_t / T)); averaged separately
     over the priors the detector's own assigner marks positive and negative (`assign/pos`,
-    `assign/neg` taps, ignored priors in neither):
+    `assign/neg` taps, ignored priors in neither, `dense_selection`):
       pos_weight * sum_pos kd / max(1, #pos) + neg_weight * sum_neg kd / max(1, #neg).
 
     Args:
@@ -242,11 +290,39 @@ def defeat_dense_kd(student_taps, teacher_taps, targets, adapter_params, *, cfg,
     kd = (jax.nn.softplus(zs) - q * zs).sum(-1) * t * t
     g = cfg.get("group_size", 0)
     out = {}
-    for name, sel in (("pos", student_taps["assign/pos"]), ("neg", student_taps["assign/neg"])):
-        sel = sel.astype(jnp.float32)
+    for name, sel in dense_selection(student_taps).items():
         val = jnp.mean(_groups(kd * sel, g) / jnp.maximum(1.0, _groups(sel, g)))
         out[name] = cfg[f"{name}_weight"] * val
     return out["pos"] + out["neg"], out
+
+
+def dense_maps(student_taps, teacher_taps, targets, *, cfg, spec):
+    """What `defeat_dense_kd` averages its terms over (`api.Distiller.maps`): per student level,
+    the number of each cell's priors (of its A = channels / K) in `dense_selection`'s
+    positives ('positive') and negatives ('negative').
+
+    Args:
+      student_taps: `head/cls_logits/{level}` [N, H, W, A * K] (only their shapes are read),
+        `assign/pos`, `assign/neg` [N, sum_l H_l W_l A] bool, levels in `spec.student.levels`
+        order, each location-major.
+    Returns:
+      {'positive': {level: [N, H, W]}, 'negative': {...}} float32 counts in [0, A].
+    """
+    del teacher_taps, targets, cfg
+    sel = dense_selection(student_taps)
+    shapes = [student_taps[f"head/cls_logits/{lvl}"].shape for lvl in spec.student.levels]
+    sizes = [h * w * (c // spec.student.num_classes) for _, h, w, c in shapes]
+    if sum(sizes) != sel["pos"].shape[1]:
+        raise ValueError(
+            f"DeFeat: assign/pos has {sel['pos'].shape[1]} priors, the levels {sum(sizes)}"
+        )
+    out = {"positive": {}, "negative": {}}
+    start = 0
+    for lvl, (n, h, w, _), size in zip(spec.student.levels, shapes, sizes, strict=True):
+        for name, key in (("positive", "pos"), ("negative", "neg")):
+            out[name][lvl] = sel[key][:, start : start + size].reshape(n, h, w, -1).sum(-1)
+        start += size
+    return out
 
 
 _SAME_HEAD = (
@@ -270,6 +346,7 @@ DISTILLERS = {
             "count_padding": False,
         },
         check=frs.check_adapter,
+        maps=neck_maps,
     ),
     "defeat_roi_kd": api.Distiller(
         defeat_roi_kd,
@@ -290,6 +367,7 @@ DISTILLERS = {
         teacher_taps=("head/cls_logits",),
         defaults={"pos_weight": 1.0, "neg_weight": 1.0, "temperature": 1.0, "group_size": 0},
         same_family=_SAME_HEAD.format(what="anchor classifications"),
+        maps=dense_maps,
     ),
 }
 

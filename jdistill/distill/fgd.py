@@ -265,6 +265,30 @@ def _canvas_hw(batch, student_taps, spec):
 _WEIGHTS = (("fg", "alpha_fgd"), ("bg", "beta_fgd"), ("at", "gamma_fgd"), ("rela", "lambda_fgd"))
 
 
+def _levels(student_taps, teacher_taps, batch, cfg, spec):
+    """The inputs of each selected level pair, as both `loss` and `fgd_maps` read them.
+
+    Yields (pair index i, student level name, S [N, H, W, C_s], T [N, H, W, C_t] as tapped,
+    M_fg [N, H, W] float32 cut to the valid cells, valid [N, H, W] float32: cells inside each
+    image's padded size (`api.level_valid`) of `image_valid` images). Raises ValueError for an
+    empty selection or maps of different sizes.
+    """
+    level_pairs = api.selected_levels(cfg, spec)
+    if not level_pairs:
+        raise ValueError(f"FGD: no level to distil: {check(cfg, spec)}")
+    canvas = _canvas_hw(batch, student_taps, spec)
+    img = batch["image_valid"].astype(jnp.float32)
+    for i, s_lvl, t_lvl, stride in level_pairs:
+        s = student_taps[f"neck/{s_lvl}"]
+        t = teacher_taps[f"neck/{t_lvl}"]
+        n, h, w, _ = s.shape
+        if t.shape[:3] != (n, h, w):
+            raise ValueError(f"FGD level {s_lvl}: student {s.shape} vs teacher {t.shape}")
+        valid = api.level_valid(batch, (h, w), stride, cfg) * img[:, None, None]
+        fg = foreground_mask(batch["boxes"], batch["box_valid"], (h, w), canvas) * valid
+        yield i, s_lvl, s, t, fg, valid
+
+
 def loss(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """FGD over the paired levels: sum_levels alpha L_fg + beta L_bg + gamma L_at + lambda L_rela.
 
@@ -280,27 +304,47 @@ def loss(student_taps, teacher_taps, batch, params, *, cfg, spec):
       (scalar float32, {'fg', 'bg', 'at', 'rela'}: each term's weighted contribution, summed
       over levels; they add up to the loss).
     """
-    level_pairs = api.selected_levels(cfg, spec)
-    if not level_pairs:
-        raise ValueError(f"FGD: no level to distil: {check(cfg, spec)}")
-    canvas = _canvas_hw(batch, student_taps, spec)
     sums = dict.fromkeys(("fg", "bg", "at", "rela"), jnp.float32(0.0))
-    n_img = None
-    for i, s_lvl, t_lvl, stride in level_pairs:
-        s = student_taps[f"neck/{s_lvl}"]
-        t = teacher_taps[f"neck/{t_lvl}"]
-        n, h, w, _ = s.shape
-        if t.shape[:3] != (n, h, w):
-            raise ValueError(f"FGD level {s_lvl}: student {s.shape} vs teacher {t.shape}")
-        img = batch["image_valid"].astype(jnp.float32)
-        n_img = jnp.maximum(img.sum(), 1.0)
-        valid = api.level_valid(batch, (h, w), stride, cfg) * img[:, None, None]
-        fg = foreground_mask(batch["boxes"], batch["box_valid"], (h, w), canvas) * valid
+    for i, _, s, t, fg, valid in _levels(student_taps, teacher_taps, batch, cfg, spec):
         terms = fgd_level(params[f"level_{i}"], s, t, fg, valid, cfg["temp"])
         for name, weight in _WEIGHTS:
             sums[name] = sums[name] + cfg[weight] * terms[name]
+    n_img = jnp.maximum(batch["image_valid"].astype(jnp.float32).sum(), 1.0)
     metrics = {k: v / n_img for k, v in sums.items()}
     return sum(metrics.values()), metrics
+
+
+def fgd_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """What FGD weighs cells and channels by, per selected level pair (`api.Distiller.maps`).
+
+    Args: as `loss`, without `params`.
+    Returns:
+      {name: {student level: array}}, float32, the very masks and attentions of `fgd_level`:
+      'foreground' M_fg and 'background' M_bg [N, H, W] (0 outside the valid cells);
+      'spatial attention (teacher)' A_S(T) [N, H, W] (summing to the valid-cell count per
+      image) and 'channel attention (teacher)' A_C(T) [N, C_t] (summing to C_t), which weigh the
+      fg/bg terms; 'spatial attention (student)' A_S(S) [N, H, W] and 'channel attention
+      (student)' A_C(S) [N, C_s], which L_at pulls towards the teacher's. The student's enter
+      only when the neck widths match: otherwise the loss takes them of the aligned features,
+      and the align conv is a trained parameter that maps do not get.
+    """
+    same = spec.student.channels == spec.teacher.channels
+    names = ["foreground", "background", "spatial attention (teacher)"]
+    names += ["channel attention (teacher)"]
+    if same:
+        names += ["spatial attention (student)", "channel attention (student)"]
+    out = {name: {} for name in names}
+    for _, s_lvl, s, t, fg, valid in _levels(student_taps, teacher_taps, batch, cfg, spec):
+        sp_t, ch_t = attention(t.astype(jnp.float32), valid, cfg["temp"])
+        out["foreground"][s_lvl] = fg
+        out["background"][s_lvl] = background_mask(fg, valid)
+        out["spatial attention (teacher)"][s_lvl] = sp_t
+        out["channel attention (teacher)"][s_lvl] = ch_t
+        if same:
+            sp_s, ch_s = attention(s.astype(jnp.float32), valid, cfg["temp"])
+            out["spatial attention (student)"][s_lvl] = sp_s
+            out["channel attention (student)"][s_lvl] = ch_s
+    return out
 
 
 def check(cfg, spec):
@@ -323,5 +367,6 @@ DISTILLERS = {
         init=init,
         defaults=DEFAULTS,
         check=check,
+        maps=fgd_maps,
     )
 }

@@ -109,6 +109,16 @@ def frs_cls(student_taps, teacher_taps, batch, params, *, cfg, spec):
     return total, {}
 
 
+def richness_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """What both FRS terms weigh locations by: {'richness (teacher)': {level: [N, H, W]}}, the
+    mask M times the pixel mask, on each student level of a pair (`api.Distiller.maps`)."""
+    del student_taps
+    out = {}
+    for _, s_lvl, t_lvl, valid in _levels(teacher_taps, batch, cfg, spec):
+        out[s_lvl] = richness_mask(teacher_taps[f"head/cls_logits/{t_lvl}"]) * valid
+    return {"richness (teacher)": out}
+
+
 def init_adapters(rng, *, cfg, spec):
     """One adapter conv (`cfg.adapter`: conv3x3, conv1x1 or defeat3x3) per level pair, mapping
     the student's neck channels onto the teacher's."""
@@ -136,6 +146,7 @@ DISTILLERS = {
         init=init_adapters,
         defaults={"adapter": "conv3x3", "count_padding": False},
         check=check_adapter,
+        maps=richness_maps,
     ),
     "frs_cls": api.Distiller(
         frs_cls,
@@ -146,6 +157,7 @@ DISTILLERS = {
             "it compares classification logits prior by prior, and another family's head has "
             "other priors and outputs"
         ),
+        maps=richness_maps,
     ),
 }
 

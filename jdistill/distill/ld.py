@@ -66,6 +66,37 @@ def side_kl(student_logits, teacher_logits, tau, reduction="mean"):
     return kl * (tau * tau)
 
 
+def main_region(student_taps, spec):
+    """LD's main region and its weights, per level pair: the student assigner's positives and,
+    at them, the student's own score w = max_k sigmoid(cls logits) (under stop_gradient).
+
+    Args:
+      student_taps: `head/cls_logits/p{l}` [N, H, W, A * K], `assign/pos` [N, A_total] bool
+        (the levels' priors, concatenated, each location-major).
+      spec: the `api.Pair`.
+    Returns:
+      [(student level, teacher level, pos [N, H_l W_l A], w pos [N, H_l W_l A])] float32.
+    Raises:
+      ValueError: when the levels' priors do not add up to `assign/pos`'s.
+    """
+    pos = student_taps["assign/pos"]
+    pairs = api.paired_levels(spec)
+    k = spec.student.num_classes
+    cls = [_flat(student_taps, "head/cls_logits", s_lvl, k) for _, s_lvl, _, _ in pairs]
+    total = sum(x.shape[1] for x in cls)
+    if total != pos.shape[1]:
+        raise ValueError(f"LD: assign/pos has {pos.shape[1]} priors, the levels {total}")
+    out = []
+    start = 0
+    for (_, s_lvl, t_lvl, _), s_cls in zip(pairs, cls, strict=True):
+        size = s_cls.shape[1]
+        lvl_pos = pos[:, start : start + size].astype(jnp.float32)  # [N, HW]
+        start += size
+        w = jax.lax.stop_gradient(jax.nn.sigmoid(s_cls).max(-1)) * lvl_pos
+        out.append((s_lvl, t_lvl, lvl_pos, w))
+    return out
+
+
 def ld(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """The LD loss (module docstring), before `weight` and warm-up.
 
@@ -82,20 +113,14 @@ def ld(student_taps, teacher_taps, batch, params, *, cfg, spec):
     """
     del batch, params
     bins = spec.student.reg_max + 1
-    pos = student_taps["assign/pos"]
-    n = pos.shape[0]
+    n = student_taps["assign/pos"].shape[0]
     groups = det_losses.grouped_sum(jnp.zeros((n,)), cfg.group_size).shape[0]
     total = jnp.float32(0.0)
     metrics = {}
-    start = 0
-    for _, s_lvl, t_lvl, _ in api.paired_levels(spec):
+    for s_lvl, t_lvl, _, w in main_region(student_taps, spec):
         s_dist = _flat(student_taps, "head/bbox_dist", s_lvl, SIDES * bins)
         t_dist = _flat(teacher_taps, "head/bbox_dist", t_lvl, SIDES * bins)
-        s_cls = _flat(student_taps, "head/cls_logits", s_lvl, spec.student.num_classes)
-        size = s_dist.shape[1]
-        lvl_pos = pos[:, start : start + size].astype(jnp.float32)  # [N, HW]
-        start += size
-        w = jax.lax.stop_gradient(jax.nn.sigmoid(s_cls).max(-1)) * lvl_pos
+        size = w.shape[1]
         kl = side_kl(
             s_dist.reshape(n, size, SIDES, bins),
             jax.lax.stop_gradient(t_dist).reshape(n, size, SIDES, bins),
@@ -104,9 +129,27 @@ def ld(student_taps, teacher_taps, batch, params, *, cfg, spec):
         term = (w[..., None] * kl).sum() / (SIDES + AVG_EPS) / groups
         metrics[s_lvl] = term
         total = total + term
-    if start != pos.shape[1]:
-        raise ValueError(f"LD: assign/pos has {pos.shape[1]} priors, the levels {start}")
     return total, metrics
+
+
+def main_region_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """What LD weighs locations by (`api.Distiller.maps`), from `main_region`: per student
+    level, its positives ('main region', in {0, 1}) and the weight the loss gives each, the
+    student's max class score there ('weight (student score)', in [0, 1]).
+
+    Args:
+      student_taps: `head/cls_logits/p{l}` [N, H, W, K], `assign/pos` [N, A_total] bool.
+    Returns:
+      {'main region': {level: [N, H, W]}, 'weight (student score)': {...}} float32; a cell's
+      value sums its priors' (GFL has one per cell).
+    """
+    del teacher_taps, batch, cfg
+    out = {"main region": {}, "weight (student score)": {}}
+    for s_lvl, _, pos, w in main_region(student_taps, spec):
+        n, h, wd = student_taps[f"head/cls_logits/{s_lvl}"].shape[:3]
+        out["main region"][s_lvl] = pos.reshape(n, h, wd, -1).sum(-1)
+        out["weight (student score)"][s_lvl] = w.reshape(n, h, wd, -1).sum(-1)
+    return out
 
 
 def check(cfg, spec):
@@ -135,6 +178,7 @@ DISTILLERS = {
             "GFL teacher predicts for a GFL student"
         ),
         check=check,
+        maps=main_region_maps,
     ),
 }
 

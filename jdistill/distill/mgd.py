@@ -146,9 +146,18 @@ def loss_with_masks(student_taps, teacher_taps, batch, params, masks, *, cfg, sp
     return total, metrics
 
 
-def loss(student_taps, teacher_taps, batch, params, *, cfg, spec):
-    """MGD as the trainer calls it: draws each level's mask from `batch["rng"]` (see the module
-    docstring), then `loss_with_masks`. Returns (scalar, per-level metrics)."""
+def draw_masks(student_taps, batch, *, cfg, spec):
+    """The keep-masks of one step, as `loss` draws them: {pair index: `draw_mask`} over the
+    selected level pairs, from `batch["rng"]` through `level_keys`.
+
+    Args:
+      student_taps: `neck/<level>` [N, H, W, C_s] (only their shapes are read).
+      batch: `rng`, the step's PRNG key.
+      cfg: `lambda_mgd`, `mask_on_channel`, `levels`.
+      spec: `api.Pair` (the masks have the teacher's channels).
+    Returns:
+      {i: [N, H, W, 1] float32 in {0, 1} (1: kept), or [N, 1, 1, C_t] with `mask_on_channel`}.
+    """
     if "rng" not in batch:
         raise KeyError(
             "MGD draws its random masks from batch['rng'], a per-step PRNG key the trainer must "
@@ -161,7 +170,32 @@ def loss(student_taps, teacher_taps, batch, params, *, cfg, spec):
         n, h, w, _ = student_taps[f"neck/{s_lvl}"].shape
         shape = (n, h, w, spec.teacher.channels)
         masks[i] = draw_mask(keys[i], shape, cfg["lambda_mgd"], cfg.get("mask_on_channel", False))
+    return masks
+
+
+def loss(student_taps, teacher_taps, batch, params, *, cfg, spec):
+    """MGD as the trainer calls it: draws each level's mask from `batch["rng"]` (`draw_masks`,
+    see the module docstring), then `loss_with_masks`. Returns (scalar, per-level metrics)."""
+    masks = draw_masks(student_taps, batch, cfg=cfg, spec=spec)
     return loss_with_masks(student_taps, teacher_taps, batch, params, masks, cfg=cfg, spec=spec)
+
+
+def mgd_maps(student_taps, teacher_taps, batch, *, cfg, spec):
+    """The random keep-mask `loss` draws for `batch["rng"]` (`api.Distiller.maps`).
+
+    Args: as `loss`, without `params` (the teacher's taps are not read).
+    Returns:
+      {'random mask': {student level: [N, H, W] float32}}: 1 where the aligned student feature
+      is kept, 0 where it is zeroed before the generation block, as drawn (padding cells, which
+      the loss zeroes anyway, included); with `mask_on_channel`, [N, C_t] per channel.
+    """
+    del teacher_taps
+    masks = draw_masks(student_taps, batch, cfg=cfg, spec=spec)
+    out = {}
+    for i, s_lvl, _, _ in api.selected_levels(cfg, spec):
+        m = masks[i]
+        out[s_lvl] = m[:, 0, 0, :] if cfg.get("mask_on_channel", False) else m[..., 0]
+    return {"random mask": out}
 
 
 def check(cfg, spec):
@@ -182,6 +216,7 @@ DISTILLERS = {
         init=init,
         defaults=DEFAULTS,
         check=check,
+        maps=mgd_maps,
     )
 }
 

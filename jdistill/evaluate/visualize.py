@@ -1,5 +1,6 @@
-"""Detections drawn over images: a grid PNG of a few validation images after each evaluation,
-and one annotated image per file for `jdistill.predict`."""
+"""Pictures: detections drawn over images (a grid PNG of a few validation images after each
+evaluation, one annotated image per file for `jdistill.predict`), and a distiller's maps over
+images, per level (`distill_maps.py`)."""
 
 import io
 
@@ -73,3 +74,100 @@ def write_png(image, path):
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image)).save(buf, format="PNG")
     paths.path(path).write_bytes(buf.getvalue())  # the workdir may be remote
+
+
+def heat_colour(v):
+    """[...] values in [0, 1] -> [..., 3] uint8 of a black-red-yellow-white ramp ('hot')."""
+    v = np.clip(np.asarray(v, np.float32), 0.0, 1.0)
+    rgb = np.stack([3 * v, 3 * v - 1, 3 * v - 2], axis=-1)
+    return (255 * np.clip(rgb, 0.0, 1.0)).astype(np.uint8)
+
+
+def overlay(image, heat, stride, alpha=0.6):
+    """One image with a level's map over it.
+
+    Args:
+      image: [h, w, 3] uint8, the resized image without its canvas padding.
+      heat: [H, W] float map on the level's grid, covering the canvas from its top-left corner
+        at `stride` pixels per cell; scaled to its maximum over the image's cells.
+      stride: the level's stride.
+      alpha: the map's weight where it is 1 (the image shows through, dimmed, where it is 0).
+    Returns:
+      [h, w, 3] uint8.
+    """
+    h, w = image.shape[:2]
+    # The cells that cover the image (ceil), as the distillers' pixel masks count them.
+    rows, cols = -(-h // stride), -(-w // stride)
+    cells = np.asarray(heat, np.float32)[:rows, :cols]
+    peak = cells.max(initial=0.0)
+    cells = cells / peak if peak > 0 else np.zeros_like(cells)
+    big = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)[:h, :w]
+    a = alpha * big[..., None]
+    base = 0.5 * image.astype(np.float32)  # dimmed, so the map reads at a glance
+    out = (1 - a) * base + a * heat_colour(big).astype(np.float32)
+    return out.astype(np.uint8)
+
+
+def bars(values, size):
+    """A [size, size, 3] uint8 tile of a per-channel vector as bars, scaled to its maximum."""
+    tile = Image.new("RGB", (size, size), (32, 32, 32))
+    d = ImageDraw.Draw(tile)
+    v = np.asarray(values, np.float32).reshape(-1)
+    peak = np.abs(v).max(initial=0.0) or 1.0
+    width = size / max(len(v), 1)
+    for i, x in enumerate(v):
+        top = size - 14 - (size - 28) * abs(float(x)) / peak
+        d.rectangle([i * width, top, max((i + 1) * width - 1, i * width), size - 14], fill="orange")
+    d.text((2, size - 12), f"{len(v)} channels", fill="white")
+    return np.asarray(tile)
+
+
+def draw_maps(images, maps, strides, path, title="", cell=192):
+    """One PNG of a distiller's maps: a row per (map, image), a column per level.
+
+    Args:
+      images: list of N [h, w, 3] uint8 resized images (their canvas padding cut off).
+      maps: {name: {level: [N, H, W] map on the level's grid, or [N, C] per-channel vector}}.
+      strides: {level: stride}.
+      path: the .png written.
+      title: a line above the grid.
+      cell: each tile is scaled to fit cell x cell pixels.
+    """
+    levels = []
+    for per_level in maps.values():
+        levels += [lvl for lvl in per_level if lvl not in levels]
+    rows = []
+    for name, per_level in maps.items():
+        for i, image in enumerate(images):
+            tiles = []
+            for lvl in levels:
+                a = per_level.get(lvl)
+                if a is None:
+                    tile = np.zeros((cell, cell, 3), np.uint8)
+                elif np.ndim(a) == 2:
+                    tile = bars(a[i], cell)
+                else:
+                    tile = _fit(overlay(image, a[i], strides[lvl]), cell)
+                tiles.append(_label(tile, f"{name} {lvl}" if i == 0 else lvl))
+            rows.append(np.concatenate(tiles, axis=1))
+    grid = np.concatenate(rows, axis=0) if rows else np.zeros((cell, cell, 3), np.uint8)
+    head = Image.new("RGB", (grid.shape[1], 16), "white")
+    ImageDraw.Draw(head).text((4, 2), title, fill="black")
+    write_png(np.concatenate([np.asarray(head), grid], axis=0), path)
+
+
+def _fit(image, cell):
+    """[h, w, 3] -> [cell, cell, 3]: scaled to fit, on black."""
+    im = Image.fromarray(image)
+    im.thumbnail((cell, cell))
+    tile = Image.new("RGB", (cell, cell))
+    tile.paste(im, (0, 0))
+    return np.asarray(tile)
+
+
+def _label(tile, text):
+    im = Image.fromarray(tile)
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, 6 * len(text) + 4, 12], fill="black")
+    d.text((2, 0), text, fill="white")
+    return np.asarray(im)
