@@ -10,7 +10,9 @@ Commands:
   python scripts/compare.py --config=configs/bccd.py --workdir=/tmp/bccd_compare
       the same teacher, then the baseline and every method over 3 seeds (README, "Distillation
       on real photos")
-`--config.data.root=/path/to/VOCdevkit` reads another copy; by default the shared one.
+Another VOC-layout data set, through the same recipe (both commands take overrides):
+  --config.data.root=/data/VOCdevkit --config.data.class_names="()"
+  ("()": the names its annotations use, sorted; `data.voc_years` which VOC<year> folders).
 `:runlocal` shrinks it to a few steps.
 """
 
@@ -46,7 +48,7 @@ def get_config(arg=None):
         config_lib.scratch_retinanet(34, 0.5, 64, max_per_img=100),
         config_lib.scratch_retinanet(18, 0.25, 64, max_per_img=100),
         teacher_steps=2000,
-        student_steps=400,
+        student_steps=300,
     )
     config.distill = config_lib.distill_preset(
         "frs_retinanet",

@@ -1,7 +1,7 @@
 """Every distiller against the baseline on one data set, over several seeds.
 
   python scripts/compare.py --workdir=/tmp/compare [--config=configs/demo.py] [--seeds=0,1,2]
-      [--steps=N] [--methods=frs,pkd,...] [--balance=both|off|on]
+      [--steps=N] [--methods=frs,pkd,...] [--balance=both|off|on] [--config.key=value ...]
 
 `--config` is a demo-shaped recipe: `configs/demo.py` (synthetic shapes, the default) or
 `configs/bccd.py` (real blood-cell photos). Its teacher (`config.demo.teacher`, RetinaNet R34)
@@ -32,6 +32,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -62,8 +63,11 @@ def define_flags():
     return dict(
         log_all=logs.LOG_ALL,
         workdir=flags.DEFINE_string("workdir", None, "Where the runs and the table go."),
-        config=flags.DEFINE_string(
-            "config", os.path.join(ROOT, "configs", "demo.py"), "The recipe: a demo-shaped config."
+        config=config_flags.DEFINE_config_file(
+            "config",
+            os.path.join(ROOT, "configs", "demo.py"),
+            "The recipe: a demo-shaped config, with --config.key=value overrides.",
+            lock_config=False,
         ),
         seeds=flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every student run."),
         steps=flags.DEFINE_integer(
@@ -168,18 +172,36 @@ def describe(recipe):
     return f"{data}, RetinaNet R{t.depth} w{t.width} teacher -> R{s.depth} w{s.width} student"
 
 
+def gain(row, baseline):
+    """(mean gain over the baseline, that gain in seed standard deviations): the larger of the
+    two rows' sample stds, so 'more than 2' holds against either row's spread (inf when both
+    spreads are 0 and the gain is not)."""
+    diff = row[1] - baseline[1]
+    spread = max(row[2], baseline[2])
+    return diff, diff / spread if spread > 0 else math.copysign(math.inf, diff) if diff else 0.0
+
+
 def markdown(rows, steps, seeds, wall_s, caption="synthetic_shapes", metric="bbox_mAP"):
-    """The comparison table (`metric` in %, mean +- sample std over seeds)."""
+    """The comparison table (`metric` in %, mean +- sample std over seeds; each method's gain
+    over the baseline, in points and in seed stds (`gain`), marked when above 2 stds)."""
     lines = [
         f"{caption}, {steps} steps, seeds "
         f"{', '.join(map(str, seeds))}, wall time {wall_s / 60:.0f} min.",
         "",
-        f"| student | {metric} (%) | seeds | term / detection loss after warm-up |",
-        "|---|---|---|---|",
+        f"| student | {metric} (%) | seeds | gain over the baseline | term / detection loss "
+        "after warm-up |",
+        "|---|---|---|---|---|",
     ]
-    for label, mean, std, n, ratios in rows:
+    baseline = next((r for r in rows if r[0] == "baseline"), None)
+    for row in rows:
+        label, mean, std, n, ratios = row
         ratio = ", ".join(f"{k} {v:.2g}x" for k, v in ratios.items()) or "-"
-        lines.append(f"| {label} | {100 * mean:.1f} ± {100 * std:.1f} | {n} | {ratio} |")
+        versus = "-"
+        if baseline is not None and row is not baseline:
+            diff, sds = gain(row, baseline)
+            mark = " ✓" if sds > 2 else ""
+            versus = f"{100 * diff:+.1f} ({sds:+.1f} std){mark}"
+        lines.append(f"| {label} | {100 * mean:.1f} ± {100 * std:.1f} | {n} | {versus} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,11 +296,14 @@ def main(argv, opts):
 
     logs.setup(o.get("log_all", False))  # the console: our lines, everyone's warnings
     seeds = check_options(o)  # every flag before the workdir is created
+    demo = o["config"]
+    if not demo.get("demo"):
+        raise ValueError(
+            f"--config={flags.FLAGS['config'].config_filename}: not a demo-shaped recipe (no "
+            "`demo` block: configs/demo.py and configs/bccd.py are)"
+        )
     workdir = o["workdir"]
     config_lib.check_workdir(workdir)
-    demo = load_config(o["config"])
-    if not demo.get("demo"):
-        raise ValueError(f"--config={o['config']}: not a demo-shaped recipe (no `demo` block)")
     steps = o["steps"] or demo.demo.student_steps
     metric = headline(demo)
     t0 = time.time()

@@ -99,3 +99,16 @@ def test_compare_with_a_workdir_it_cannot_use_says_so_in_one_line(tmp_path, kind
     _assert_one_line(code, lines, f"--workdir={workdir}", cause)
     assert len(lines) == 1, lines
     assert afile.read_text() == "kept"
+
+
+def test_compare_refuses_a_recipe_it_cannot_run_before_writing_anything(tmp_path):
+    workdir = tmp_path / "cmp"
+    code, lines = _run(
+        ["scripts/compare.py", f"--workdir={workdir}", "--config=configs/retinanet_r50_coco.py"]
+    )
+    _assert_one_line(code, lines, "--config=configs/retinanet_r50_coco.py", "not a demo-shaped")
+    code, lines = _run(
+        ["scripts/compare.py", f"--workdir={workdir}", "--config=configs/bccd.py", "--config.x=1"]
+    )
+    assert code == 2 and lines[-1].startswith("error: --config.x=1: the config has no key 'x'")
+    assert not workdir.exists()

@@ -55,8 +55,11 @@ def test_table_and_chart(compare, tmp_path):
     assert rows[0][:4] == pytest.approx(("baseline", 0.12, 0.02, 3))  # sample std
     assert rows[1][4] == {"frs_feat": 5.0}
     table = compare.markdown(rows, 300, [0, 1, 2], 600)
-    assert "| baseline | 12.0 ± 2.0 | 3 | - |" in table
-    assert "| frs | 20.0 ± 0.0 | 2 | frs_feat 5x |" in table
+    assert "| baseline | 12.0 ± 2.0 | 3 | - | - |" in table
+    # +8 points over the larger std, the baseline's 2: 4 stds, more than 2
+    assert "| frs | 20.0 ± 0.0 | 2 | +8.0 (+4.0 std) ✓ | frs_feat 5x |" in table
+    assert compare.gain(("a", 0.13, 0.01), ("baseline", 0.12, 0.02))[1] == pytest.approx(0.5)
+    assert compare.gain(("a", 0.2, 0.0), ("baseline", 0.1, 0.0))[1] == float("inf")
     png = tmp_path / "c.png"
     compare.bar_chart(rows, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,7 +99,7 @@ def test_a_voc_recipe_ranks_by_voc_map_and_names_its_data(compare):
     rows = compare.summarise({"baseline": [{"mAP": 0.5}, {"mAP": 0.7}]}, "mAP")
     table = compare.markdown(rows, 400, [0, 1], 60, compare.describe(bccd), "mAP")
     assert table.startswith("bccd_voc, RetinaNet R34 w0.5 teacher -> R18 w0.25 student, 400")
-    assert "| student | mAP (%) |" in table and "| baseline | 60.0 ± 14.1 | 2 | - |" in table
+    assert "| student | mAP (%) |" in table and "| baseline | 60.0 ± 14.1 | 2 | - | - |" in table
     with pytest.raises(FileNotFoundError, match="no such config file"):
         compare.load_config("no_such_recipe")
 
