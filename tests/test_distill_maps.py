@@ -30,20 +30,25 @@ def test_a_map_lights_its_cells_and_dims_the_rest():
 
 
 def test_the_grid_has_a_row_per_map_and_image_and_a_column_per_level(tmp_path):
-    images = [np.full((24, 32, 3), 90, np.uint8), np.full((32, 24, 3), 160, np.uint8)]
+    images = [np.full((24, 32, 3), 90, np.uint8), np.full((12, 16, 3), 160, np.uint8)]
     maps = {
-        "foreground": {"p3": np.ones((2, 4, 4)), "p4": np.ones((2, 2, 2))},
+        "foreground": {"p3": np.ones((2, 4, 4)) * 0.5, "p4": np.ones((2, 2, 2))},
         "channel attention": {"p3": np.array([[1.0, 3.0], [2.0, 2.0]])},  # [N, C]: bars
     }
     path = tmp_path / "maps.png"
     visualize.draw_maps(images, maps, {"p3": 8, "p4": 16}, str(path), title="t", cell=40)
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (16 + 4 * 40, 2 * 40, 3)  # title, 2 maps x 2 images, 2 levels
-    # The bars tile of the first image: its taller bar (3 of 3) reaches the top margin.
-    bars_tile = grid[16 + 2 * 40 : 16 + 3 * 40, :40]
+    # title, then 2 maps x 2 images of 40 x 30 tiles (the images' 3:4), 2 levels
+    assert grid.shape == (16 + 4 * 30, 2 * 40, 3)
+    # The bars tile of the first image: its taller bar (3 of 3) is drawn.
+    bars_tile = grid[16 + 2 * 30 : 16 + 3 * 30, :40]
     assert (bars_tile == [255, 165, 0]).all(-1).any()
-    # No p4 for the vector: a black tile.
-    assert (grid[16 + 2 * 40 + 14 : 16 + 3 * 40, 40:80] == 0).all()
+    # No p4 for the vector: a black tile below its label.
+    assert (grid[16 + 2 * 30 + 14 : 16 + 3 * 30, 40:80] == 0).all()
+    # Each map is scaled to its own peak, which its label gives: the first image's p3 is drawn
+    # at full strength although its values are .5, as its p4 at 1.
+    np.testing.assert_array_equal(grid[16 + 20, 20], grid[16 + 20, 60])
+    assert visualize.peak_over_image(maps["foreground"]["p3"][0], (24, 32), 8) == 0.5
 
 
 def test_what_cannot_be_drawn_ends_in_one_error_line(tmp_path):

@@ -99,7 +99,7 @@ def overlay(image, heat, stride, alpha=0.6):
     # The cells that cover the image (ceil), as the distillers' pixel masks count them.
     rows, cols = -(-h // stride), -(-w // stride)
     cells = np.asarray(heat, np.float32)[:rows, :cols]
-    peak = cells.max(initial=0.0)
+    peak = peak_over_image(heat, (h, w), stride)
     cells = cells / peak if peak > 0 else np.zeros_like(cells)
     big = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)[:h, :w]
     a = alpha * big[..., None]
@@ -108,22 +108,32 @@ def overlay(image, heat, stride, alpha=0.6):
     return out.astype(np.uint8)
 
 
-def bars(values, size):
-    """A [size, size, 3] uint8 tile of a per-channel vector as bars, scaled to its maximum."""
-    tile = Image.new("RGB", (size, size), (32, 32, 32))
+def bars(values, width, height):
+    """A [height, width, 3] uint8 tile of a per-channel vector as bars, scaled to its maximum."""
+    tile = Image.new("RGB", (width, height), (32, 32, 32))
     d = ImageDraw.Draw(tile)
     v = np.asarray(values, np.float32).reshape(-1)
     peak = np.abs(v).max(initial=0.0) or 1.0
-    width = size / max(len(v), 1)
+    step = width / max(len(v), 1)
     for i, x in enumerate(v):
-        top = size - 14 - (size - 28) * abs(float(x)) / peak
-        d.rectangle([i * width, top, max((i + 1) * width - 1, i * width), size - 14], fill="orange")
-    d.text((2, size - 12), f"{len(v)} channels", fill="white")
+        top = height - 14 - (height - 28) * abs(float(x)) / peak
+        d.rectangle([i * step, top, max((i + 1) * step - 1, i * step), height - 14], fill="orange")
+    d.text((2, height - 12), f"{len(v)} channels", fill="white")
     return np.asarray(tile)
+
+
+def peak_over_image(heat, image_hw, stride):
+    """The largest value of a level's map over the cells that cover the image (what `overlay`
+    scales to). heat: [H, W]; image_hw: (h, w) pixels."""
+    rows, cols = -(-image_hw[0] // stride), -(-image_hw[1] // stride)
+    return float(np.asarray(heat, np.float32)[:rows, :cols].max(initial=0.0))
 
 
 def draw_maps(images, maps, strides, path, title="", cell=192):
     """One PNG of a distiller's maps: a row per (map, image), a column per level.
+
+    Each map is scaled to its maximum over the image, per level (`overlay`); the tile's label
+    gives that maximum, so levels compare by their labels.
 
     Args:
       images: list of N [h, w, 3] uint8 resized images (their canvas padding cut off).
@@ -131,11 +141,13 @@ def draw_maps(images, maps, strides, path, title="", cell=192):
       strides: {level: stride}.
       path: the .png written.
       title: a line above the grid.
-      cell: each tile is scaled to fit cell x cell pixels.
+      cell: the tiles' width in pixels; their height follows the tallest image's aspect.
     """
     levels = []
     for per_level in maps.values():
         levels += [lvl for lvl in per_level if lvl not in levels]
+    aspect = max((im.shape[0] / max(im.shape[1], 1) for im in images), default=1.0)
+    size = (cell, max(16, int(np.ceil(cell * aspect))))
     rows = []
     for name, per_level in maps.items():
         for i, image in enumerate(images):
@@ -143,24 +155,27 @@ def draw_maps(images, maps, strides, path, title="", cell=192):
             for lvl in levels:
                 a = per_level.get(lvl)
                 if a is None:
-                    tile = np.zeros((cell, cell, 3), np.uint8)
+                    tile, text = np.zeros((size[1], size[0], 3), np.uint8), lvl
                 elif np.ndim(a) == 2:
-                    tile = bars(a[i], cell)
+                    peak = float(np.abs(np.asarray(a[i], np.float32)).max(initial=0.0))
+                    tile, text = bars(a[i], *size), f"{lvl} max {peak:.2g}"
                 else:
-                    tile = _fit(overlay(image, a[i], strides[lvl]), cell)
-                tiles.append(_label(tile, f"{name} {lvl}" if i == 0 else lvl))
+                    peak = peak_over_image(a[i], image.shape[:2], strides[lvl])
+                    tile = _fit(overlay(image, a[i], strides[lvl]), size)
+                    text = f"{lvl} max {peak:.2g}"
+                tiles.append(_label(tile, f"{name} {text}" if i == 0 else text))
             rows.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(rows, axis=0) if rows else np.zeros((cell, cell, 3), np.uint8)
+    grid = np.concatenate(rows, axis=0) if rows else np.zeros((size[1], size[0], 3), np.uint8)
     head = Image.new("RGB", (grid.shape[1], 16), "white")
     ImageDraw.Draw(head).text((4, 2), title, fill="black")
     write_png(np.concatenate([np.asarray(head), grid], axis=0), path)
 
 
-def _fit(image, cell):
-    """[h, w, 3] -> [cell, cell, 3]: scaled to fit, on black."""
+def _fit(image, size):
+    """[h, w, 3] -> [size[1], size[0], 3]: scaled to fit, on black."""
     im = Image.fromarray(image)
-    im.thumbnail((cell, cell))
-    tile = Image.new("RGB", (cell, cell))
+    im.thumbnail(size)
+    tile = Image.new("RGB", size)
     tile.paste(im, (0, 0))
     return np.asarray(tile)
 
