@@ -30,7 +30,8 @@ def get_config(arg=None):
     data = config_lib.voc_data(root=os.path.abspath(SHARED_BCCD), years="07")
     data.class_names = ("RBC", "WBC", "Platelets")
     data.scales = ((320, 240),)
-    data.canvases = ((256, 320),)
+    # BCCD is all landscape; a portrait photo of another set takes the transposed canvas.
+    data.canvases = config_lib.landscape_and_portrait((256, 320))
     data.max_boxes = 64
     data.voc_ap_mode = "area"
     data.num_workers = 2

@@ -63,8 +63,8 @@ def draw(workdir, step=-1, out="", num_images=0):
 
     workdir = os.path.abspath(workdir)
     config = run_config(workdir)
-    if num_images > 0:
-        config.num_vis_images = num_images
+    # The run's own count, unless asked for another; a run that drew none (0) draws 4 here.
+    config.num_vis_images = num_images if num_images > 0 else config.get("num_vis_images") or 4
     drawn = [
         k
         for k, block in ((config.get("distill") or {}).get("losses") or {}).items()

@@ -102,12 +102,13 @@ def write(maps_fn, student_vars, teacher_vars, split, config, mesh, eval_dir, st
     if local is None:
         return []
     batch = datasets.device_batch(local, mesh)
+    # Collectives: every process gathers, process 0 alone draws.
     maps = multihost_utils.process_allgather(maps_fn(student_vars, teacher_vars, batch), tiled=True)
-    if jax.process_index() != 0:
-        return []
     full = multihost_utils.process_allgather(
         {k: batch[k] for k in ("image", "img_shape", "image_valid")}, tiled=True
     )
+    if jax.process_index() != 0:
+        return []
     real = np.asarray(full["image_valid"])
     images = [
         np.asarray(img)[: int(h), : int(w)]
