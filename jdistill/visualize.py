@@ -19,12 +19,18 @@ from absl import app, flags
 
 from jdistill import cli_flags, exits
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holds config.json).")
-_STEP = flags.DEFINE_integer("step", -1, "The checkpoint step to draw (-1: the newest).")
-_OUT = flags.DEFINE_string("out", "", "Where the PNGs go (default: <workdir>/eval).")
-_NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", 0, "Validation images drawn (0: the run's num_vis_images)."
-)
+
+def define_flags():
+    """The command's flags, defined when it runs as a command (importing this module for
+    `draw` defines none: `jdistill.main` has its own `--workdir`)."""
+    return dict(
+        workdir=flags.DEFINE_string("workdir", None, "The run's workdir (holds config.json)."),
+        step=flags.DEFINE_integer("step", -1, "The checkpoint step to draw (-1: the newest)."),
+        out=flags.DEFINE_string("out", "", "Where the PNGs go (default: <workdir>/eval)."),
+        num_images=flags.DEFINE_integer(
+            "num_images", 0, "Validation images drawn (0: the run's num_vis_images, or 4)."
+        ),
+    )
 
 
 def run_config(workdir):
@@ -114,24 +120,26 @@ def _has_maps(fn):
         return False
 
 
-def main(argv):
+def main(argv, opts):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jdistill import logs  # noqa: PLC0415
 
     logs.setup()
-    exits.run(_draw_and_print)
+    o = {k: flag.value for k, flag in opts.items()}
+    exits.run(lambda: _draw_and_print(**o))
 
 
-def _draw_and_print():
+def _draw_and_print(workdir, step, out, num_images):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: PLC0415 (tfds reads the prepared data set)
 
     tf.config.set_visible_devices([], "GPU")
-    written = draw(_WORKDIR.value, _STEP.value, _OUT.value, _NUM_IMAGES.value)
+    written = draw(workdir, step, out, num_images)
     print("\n".join(f"wrote {p}" for p in written))
 
 
 if __name__ == "__main__":
+    FLAGS = define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main, flags_parser=cli_flags.parse_flags)
+    app.run(lambda argv: main(argv, FLAGS), flags_parser=cli_flags.parse_flags)

@@ -21,6 +21,7 @@ CONFIG_PRESETS = [
     ("defeat_faster_rcnn_voc", "paper", "defeat_paper", {}),
     ("defeat_retinanet", None, "defeat_retinanet", {}),
     ("demo", None, "frs_retinanet", dict(frs_feat=dict(weight=0.05), frs_cls=dict(weight=0.05))),
+    ("bccd", None, "frs_retinanet", dict(frs_feat=dict(weight=0.05), frs_cls=dict(weight=0.05))),
     ("fgd_gfl", None, "fgd_gfl", {}),
     ("fgd_retinanet", None, "fgd_retinanet", {}),
     ("fgfi_faster_rcnn_voc", None, "fgfi", {}),
