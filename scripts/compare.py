@@ -283,7 +283,9 @@ def check_options(o):
     if not seeds:
         raise ValueError("--seeds is empty: give at least one seed, e.g. 0,1,2")
     if o["steps"] < 0:
-        raise ValueError(f"--steps={o['steps']}: must be a positive number of training steps")
+        raise ValueError(
+            f"--steps={o['steps']}: must be a positive number of training steps (0: the recipe's)"
+        )
     if o["warmup"] < 0:
         raise ValueError(f"--warmup={o['warmup']}: must be 0 or more steps")
     return seeds

@@ -114,3 +114,17 @@ def test_the_demo_table_shows_a_voc_recipes_metrics():
     assert teacher.split() == ["teacher", "50.0", "75.0", "25.0"]
     assert baseline.split()[:2] == ["baseline", "12.5"]
     assert json.loads(summary) == {"teacher": 0.5, "baseline": 0.125}
+
+
+def test_flag_values_it_cannot_use_are_refused(compare):
+    good = {"methods": ["frs"], "seeds": ["0", "2"], "steps": 0, "warmup": 0}
+    assert compare.check_options(good) == [0, 2]  # steps 0: the recipe's demo.student_steps
+    for bad, match in [
+        (dict(methods=["frz"]), "unknown methods"),
+        (dict(seeds=["a"]), "must be integers"),
+        (dict(seeds=[]), "--seeds is empty"),
+        (dict(steps=-1), "0: the recipe's"),
+        (dict(warmup=-5), "must be 0 or more"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            compare.check_options({**good, **bad})

@@ -11,7 +11,8 @@ The maps come from one jitted function of the two detectors on the first `num_vi
 validation images, prepared as evaluation prepares them, with the student in evaluation mode
 (BN on its running statistics) and its loss run for the taps it adds (assignments, RoIs), so a
 map shows what the loss would weigh on that batch. Each map is scaled to its own maximum per
-image and level (the colours compare locations, not levels or steps).
+image and level, which its tile's label gives (the colours compare locations; the labels
+compare levels).
 """
 
 import jax
@@ -42,7 +43,7 @@ def make_maps_fn(config, models):
     student, teacher, spec = models.student, models.teacher, models.spec
     terms = drawn_terms(models.terms)
     views = plan.views(terms)
-    key = jax.random.PRNGKey(config.seed + 3)  # the train step's key at step 0
+    key = jax.random.PRNGKey(config.seed + 3)  # fixed: the train step's base key
 
     def maps_fn(student_vars, teacher_vars, batch):
         x_t = experiment.model_inputs(teacher, config.teacher.model, batch)
