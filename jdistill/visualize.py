@@ -86,15 +86,10 @@ def draw(workdir, step=-1, out="", num_images=0):
     mesh = parallel.make_mesh()
     split = datasets.open(config, train=False).eval
     names = tuple(split.class_names)
-    if ckpt.class_names is not None and ckpt.class_names != names:
-        raise ValueError(
-            f"{ckpt.path} was trained on classes {list(ckpt.class_names)} but the data set has "
-            f"{list(names)}"
-        )
+    model.check_classes(ckpt, names)
     models = experiment.build_models(config, len(names))
+    student_vars = model.placed(ckpt, models.student, config.model, mesh, config)
     canvas = tuple(config.data.canvases[0])
-    student_vars = model.variables(ckpt, model.expected(models.student, canvas), config.model)
-    student_vars = model.on_mesh(student_vars, mesh, config, teacher=False)
     teacher_vars = experiment.load_teacher(config, models.teacher, names, canvas)
     teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
     spec = models.student.spec

@@ -156,6 +156,25 @@ def variables(ckpt, expected_tree, model_cfg, *, skip=(), what="checkpoint"):
     )
 
 
+def check_classes(ckpt, names):
+    """Refuses (ValueError) a checkpoint that records other classes than the data set's
+    `names`, in order; one that records none passes."""
+    if ckpt.class_names is not None and ckpt.class_names != tuple(names):
+        raise ValueError(
+            f"{ckpt.path} was trained on classes {list(ckpt.class_names)} but the data set has "
+            f"{list(names)}; reading it with these labels would be meaningless"
+        )
+
+
+def placed(ckpt, detector, model_cfg, mesh, config, *, skip=(), teacher=False):
+    """`ckpt`'s variables for `detector`, matched strictly (`variables`) and placed on the mesh
+    as training holds them (`on_mesh`)."""
+    canvas = tuple(config.data.canvases[0])
+    what = "teacher checkpoint" if teacher else "checkpoint"
+    tree = variables(ckpt, expected(detector, canvas), model_cfg, skip=skip, what=what)
+    return on_mesh(tree, mesh, config, teacher=teacher)
+
+
 def on_mesh(variables_tree, mesh, config, *, teacher):
     """Variables placed on the mesh as training holds them, so that the jitted predict compiles
     to the same program: a teacher replicated; a student with the training state's shardings

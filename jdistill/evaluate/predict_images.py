@@ -235,10 +235,8 @@ def predict(config, init, images, out, *, score_thr=0.3, progress_every=100):
         model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
         model_cfg.test_score_thr = score_thr
     detector = detector_lib.build(model_cfg, len(names))
-    canvas = tuple(config.data.canvases[0])
-    variables = model.variables(ckpt, model.expected(detector, canvas), model_cfg)
     mesh = parallel.make_mesh()
-    variables = model.on_mesh(variables, mesh, config, teacher=False)
+    variables = model.placed(ckpt, detector, model_cfg, mesh, config)
 
     sizes, skipped = scan(files)
     readable = sorted(sizes)

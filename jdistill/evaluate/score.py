@@ -111,18 +111,9 @@ def score(config, init="", out="", *, teacher=False):
     mesh = parallel.make_mesh()
     split = datasets.open(config, train=False).eval
     names = tuple(split.class_names)
-    if ckpt.class_names is not None and ckpt.class_names != names:
-        raise ValueError(
-            f"{init} was trained on classes {list(ckpt.class_names)} but the data set has "
-            f"{list(names)}; scoring it on these labels would be meaningless"
-        )
+    model.check_classes(ckpt, names)
     detector = detector_lib.build(model_cfg, len(names))
-    canvas = tuple(config.data.canvases[0])
-    what = "teacher checkpoint" if teacher else "checkpoint"
-    variables = model.variables(
-        ckpt, model.expected(detector, canvas), model_cfg, skip=skip, what=what
-    )
-    variables = model.on_mesh(variables, mesh, config, teacher=teacher)
+    variables = model.placed(ckpt, detector, model_cfg, mesh, config, skip=skip, teacher=teacher)
     logging.info(
         "scoring %s (step %d) on split %r (%d images)", init, ckpt.step, split.name, len(split)
     )
