@@ -130,7 +130,14 @@ def _draw_and_print(workdir, step, out, num_images):
     import tensorflow as tf  # noqa: PLC0415 (tfds reads the prepared data set)
 
     tf.config.set_visible_devices([], "GPU")
-    written = draw(workdir, step, out, num_images)
+    from jdistill import stopping  # noqa: PLC0415 (after TF is fenced off, as jdistill.main)
+
+    # SIGTERM / SIGINT end the command in one line, as every other command's.
+    stopping.SIGNALS.install()
+    with stopping.SIGNALS.phase(
+        "drawing the maps", "the PNGs written before are kept; re-run the same command"
+    ):
+        written = draw(workdir, step, out, num_images)
     print("\n".join(f"wrote {p}" for p in written))
 
 

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jdistill import experiment, paths
 from jdistill.data import datasets, pipeline
 from jdistill.distill import plan
-from jdistill.evaluate import visualize
+from jdistill.evaluate import runner, visualize
 
 
 def drawn_terms(terms):
@@ -76,12 +76,9 @@ def first_batch(split, config):
         return None
     it = iter(pipeline.eval_dataset(split.head(n), config.data, config.eval_batch_size))
     try:
-        local = next(it)
+        return next(it)
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-    return local
+        runner.close_iterator(it)  # its reader threads
 
 
 def write(maps_fn, student_vars, teacher_vars, split, config, mesh, eval_dir, step, strides):
