@@ -394,16 +394,25 @@ def test_batchnorm_statistics_stay_float32_in_training_mode():
         np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * scale, err_msg=str(path))
 
 
-def test_adapters_compute_in_float32():
-    """An adapter (part of the distillation loss) reads bfloat16 activations, computes float32."""
+def test_adapters_convolve_in_the_compute_dtype_and_hand_float32_to_the_loss():
+    """An adapter reads bfloat16 activations and convolves in bfloat16, as every conv of the
+    student does (a float32 conv there only adds traffic: the teacher's features it is compared
+    with are bfloat16 too); the loss reads its output as float32, within bfloat16 rounding of
+    the float32 adapter's."""
     params = adapter_lib.init(
         jax.random.PRNGKey(0), num_levels=1, in_channels=8, out_channels=8, kind="conv3x3"
     )
-    x = jnp.ones((1, 4, 4, 8), jnp.bfloat16)
-    assert adapter_lib.apply_level(params, 0, x).dtype == jnp.float32
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 4, 8), jnp.float32)
+    low = adapter_lib.apply_level(params, 0, x.astype(jnp.bfloat16))
+    assert low.dtype == jnp.float32
+    assert traced_primitives(
+        lambda p, x: adapter_lib.apply_level(p, 0, x), params, x.astype(jnp.bfloat16)
+    ) == {("conv_general_dilated", "bfloat16")}
+    high = adapter_lib.apply_level(params, 0, x)
     assert traced_primitives(lambda p, x: adapter_lib.apply_level(p, 0, x), params, x) == {
         ("conv_general_dilated", "float32")
     }
+    np.testing.assert_allclose(low, high, rtol=0, atol=4 * 2.0**-8 * float(jnp.abs(high).max()))
 
 
 def test_group_norm_of_a_single_element_is_exact_in_bfloat16():
