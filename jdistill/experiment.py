@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from jdistill import checkpoint, optim, parallel
+from jdistill import checkpoint, layouts, optim, parallel
 from jdistill.distill import api, balance, plan, registry
 from jdistill.models import detector as detector_lib
+from jdistill.models import layers, prefold
 
 # ============================================================================ models
 
@@ -334,8 +335,9 @@ def make_train_step(config, student, teacher, terms, tx, schedule, total_steps=0
 @dataclasses.dataclass
 class Experiment:
     """What `setup` built. `teacher`, `teacher_vars` and `spec` are None without distillation;
-    `state` is on the mesh with `state_sharding`; `train_step(state, teacher_vars, batch)` is
-    jitted over the mesh, donating the state."""
+    `state` is on the mesh with `state_sharding`, its kernels laid out as `state_formats` says
+    (`layouts.formats`); `train_step(state, teacher_vars, batch)` is jitted over the mesh,
+    donating the state."""
 
     student: Any
     teacher: Any
@@ -344,6 +346,7 @@ class Experiment:
     teacher_vars: Any
     state: dict
     state_sharding: Any
+    state_formats: Any
     tx: optax.GradientTransformation
     schedule: Callable
     total_steps: int
@@ -408,14 +411,23 @@ def setup(
             config, student, terms, spec, canvas, tx_builder, load_init, teacher_vars
         )
     state_sharding = parallel.param_shardings(state, mesh, config.param_sharding)
+    # The conv kernels and their momentum lie output-channel major on a GPU (layouts.py).
+    state_formats = layouts.formats(state, state_sharding, mesh)
     if abstract:
-        state = with_sharding(state, state_sharding)
+        state = with_sharding(state, state_formats)
     else:
-        state = jax.device_put(state, state_sharding)
+        state = jax.device_put(state, state_formats)
+    # The student inherits from the teacher's variables as loaded (init_state); the step reads
+    # them prefolded.
+    teacher_specs = replicated
+    if terms:
+        teacher, teacher_vars, teacher_specs = place_teacher(
+            config.teacher.model, teacher, teacher_vars, mesh, abstract=abstract
+        )
     train_step = jax.jit(
         make_train_step(config, student, teacher, terms, tx, schedule, total_steps),
-        in_shardings=(state_sharding, replicated, parallel.batch_sharding(mesh)),
-        out_shardings=(state_sharding, replicated),
+        in_shardings=(state_formats, teacher_specs, parallel.batch_sharding(mesh)),
+        out_shardings=(state_formats, replicated),
         donate_argnums=(0,),
     )
     return Experiment(
@@ -426,11 +438,40 @@ def setup(
         teacher_vars,
         state,
         state_sharding,
+        state_formats,
         tx,
         schedule,
         total_steps,
         train_step,
     )
+
+
+def place_teacher(model_cfg, teacher, variables, mesh, *, abstract=False):
+    """The teacher as every program reads it: with `fold_bn`, its BatchNorms folded into its
+    convs once and its kernels in the compute dtype (`models/prefold.py`); replicated over the
+    mesh with its kernels in the step's layout (`layouts.py`).
+
+    Args:
+      model_cfg: the teacher's `model` block.
+      teacher: its detector.
+      variables: its {'params', 'batch_stats'} as loaded, replicated on the mesh (with
+        `abstract`, ShapeDtypeStructs).
+      mesh: the mesh.
+      abstract: shapes only (`setup(abstract=True)`).
+    Returns:
+      (the detector that reads the result, the variables, their jit argument specs).
+    """
+    fold = lambda v: v  # noqa: E731
+    if model_cfg.fold_bn:
+        dtype = layers.compute_dtype(model_cfg.dtype)
+        fold = lambda v: prefold.variables(v, dtype)  # noqa: E731
+        teacher = prefold.detector(teacher)
+    shapes = jax.eval_shape(fold, variables)
+    replicated = parallel.replicated(mesh)
+    specs = layouts.formats(shapes, jax.tree_util.tree_map(lambda _: replicated, shapes), mesh)
+    if abstract:
+        return teacher, with_sharding(shapes, specs), specs
+    return teacher, jax.jit(fold, out_shardings=specs)(variables), specs
 
 
 def abstract_variables(detector, canvas):

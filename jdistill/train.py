@@ -139,6 +139,9 @@ def _run(config, workdir, stop_at_step, signals):
         # another model's checkpoints or no restorable step at all raise CheckpointError.
         with signals.phase("restoring the checkpoint", as_it_was):
             latest, state, data_state, _ = checkpoint.restore_newest(mgr, abstract)
+        # Restored in the default layout; the step's own (`layouts.py`) before the first step,
+        # so the first call does not hold the state twice.
+        state = jax.device_put(state, exp.state_formats)
         data_state = checkpoint.data_state_of_process(
             data_state, jax.process_index(), jax.process_count(), mgr.directory
         )

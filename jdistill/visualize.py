@@ -12,6 +12,7 @@ paths. A workdir without a distillation config, a step without a checkpoint or a
 ends in one `error:` line (exit 1); nothing already written is touched but the files named.
 """
 
+import dataclasses
 import json
 import os
 
@@ -92,6 +93,11 @@ def draw(workdir, step=-1, out="", num_images=0):
     canvas = tuple(config.data.canvases[0])
     teacher_vars = experiment.load_teacher(config, models.teacher, names, canvas)
     teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh))
+    # Read as training reads it (prefolded), so the maps are training's bit for bit.
+    teacher, teacher_vars, _ = experiment.place_teacher(
+        config.teacher.model, models.teacher, teacher_vars, mesh
+    )
+    models = dataclasses.replace(models, teacher=teacher)
     spec = models.student.spec
     return distill_maps.write(
         jax.jit(distill_maps.make_maps_fn(config, models)),

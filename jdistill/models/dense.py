@@ -56,6 +56,8 @@ class DenseModule(nn.Module):
     relu_before_extra_convs: bool = False
     dtype: jnp.dtype = jnp.float32
     fold_bn: bool = False
+    # The backbone's variables were folded ahead of time (models/prefold.py: a teacher's).
+    prefolded: bool = False
 
     @nn.compact
     def __call__(self, images, train=False):

@@ -83,6 +83,8 @@ class FasterRCNNModule(nn.Module):
     roi_aligned: bool = True
     dtype: jnp.dtype = jnp.float32
     fold_bn: bool = False
+    # The backbone's variables were folded ahead of time (models/prefold.py: a teacher's).
+    prefolded: bool = False
 
     def setup(self):
         self.backbone = resnet_lib.ResNet.of(self)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jdistill.models import group_norm
+
 # mmcv inits: kaiming-normal (fan_out, relu) for backbone convs; xavier-uniform for FPN;
 # normal(0, 0.01) for dense heads.
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -64,7 +66,9 @@ class Conv(nn.Module):
     With `norm='gn'` it is mmcv's ConvModule(conv -> GroupNorm(32) -> ReLU): the conv has no
     bias (bias='auto') and the norm is named `gn`, as in mmdetection's state_dict. `activate`
     False stops it before the ReLU (mmcv's `activate=False`), for callers that need the
-    pre-activation features (CrossKD's tower taps); it changes no parameter.
+    pre-activation features (CrossKD's tower taps); it changes no parameter. With GroupNorm,
+    `keep_pre` returns both (after the ReLU, before it) from one GroupNorm whose backward pass
+    recomputes the ReLU's mask (`group_norm.py`).
     """
 
     features: int
@@ -76,6 +80,7 @@ class Conv(nn.Module):
     dtype: jnp.dtype = jnp.float32
     norm: str | None = None
     activate: bool = True
+    keep_pre: bool = False
 
     @nn.compact
     def __call__(self, x, affine=None):
@@ -84,7 +89,8 @@ class Conv(nn.Module):
         `affine`: a (scale, shift) pair of [features] float32 (`FrozenBatchNorm`) that the conv
         folds in: it convolves with kernel * scale and adds shift, which is the conv followed
         by that affine map, in one convolution with a bias (XLA fuses it with a following ReLU
-        or residual add into one kernel). Only for a conv without bias or norm.
+        or residual add into one kernel). Only for a conv without bias or norm. A scale of
+        None: the kernel is folded already (`fold_kernel`, a prefolded teacher's).
         """
         p = self.kernel // 2
         if affine is not None:
@@ -92,8 +98,10 @@ class Conv(nn.Module):
                 raise ValueError("a folded affine replaces the bias and norm of a plain conv")
             scale, shift = affine
             kernel = _Kernel(self.features, self.kernel, self.kernel_init, name="conv")(x.shape[-1])
-            # Folded in float32, then rounded once to the compute dtype.
-            w = (kernel * scale).astype(self.dtype)
+            if scale is None:
+                w = kernel.astype(self.dtype)
+            else:
+                w = fold_kernel(kernel, scale, self.dtype)
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype),
                 w,
@@ -106,13 +114,13 @@ class Conv(nn.Module):
             if self.norm != "gn":
                 raise ValueError(f"norm={self.norm!r}: only 'gn' is supported in heads")
             # The conv runs in the compute dtype and GroupNorm in float32 on its output, as mmcv
-            # runs it under autocast. The explicit convert gives every use of the value one
-            # float32 copy: XLA's default excess precision may skip a rounding on some uses of a
-            # value and not on others, and x - mean(x) over one element (P7 is 1 x 1 on the
-            # runlocal canvases, one channel per group) once came out +-40 instead of 0
-            # (tests/test_bf16.py). A conv asked for a float32 result from bfloat16 operands
-            # runs in float32 on a GPU, both operands converted first: FRS-GFL's 100 GroupNorm
-            # convs moved 1.4 GiB per image more that way (scripts/aot_compile.py, README).
+            # runs it under autocast. GroupNorm converts it once, for every use: XLA's default
+            # excess precision may skip a rounding on some uses of a value and not on others,
+            # and x - mean(x) over one element (P7 is 1 x 1 on the runlocal canvases, one
+            # channel per group) once came out +-40 instead of 0 (tests/test_bf16.py). A conv
+            # asked for a float32 result from bfloat16 operands runs in float32 on a GPU, both
+            # operands converted first: FRS-GFL's 100 GroupNorm convs moved 1.4 GiB per image
+            # more that way (scripts/aot_compile.py, README).
             y = nn.Conv(
                 self.features,
                 (self.kernel, self.kernel),
@@ -124,8 +132,10 @@ class Conv(nn.Module):
                 param_dtype=jnp.float32,
                 name="conv",
             )(x)
-            y = GroupNorm32(dtype=self.dtype, name="gn")(y.astype(jnp.float32))
-            return relu(y) if self.activate else y
+            gn = group_norm.GroupNorm(
+                dtype=self.dtype, relu=self.activate, keep_pre=self.keep_pre, name="gn"
+            )
+            return gn(y)
         return nn.Conv(
             self.features,
             (self.kernel, self.kernel),
@@ -138,6 +148,12 @@ class Conv(nn.Module):
             param_dtype=jnp.float32,
             name="conv",
         )(x)
+
+
+def fold_kernel(kernel, scale, dtype):
+    """kernel [k, k, C_in, C_out] float32 times a per-output-channel scale [C_out], folded in
+    float32 and then rounded once to `dtype`."""
+    return (kernel * scale).astype(dtype)
 
 
 class _Kernel(nn.Module):
@@ -170,22 +186,31 @@ class FrozenBatchNorm(nn.Module):
     checkpoints and conversions do not know which of the two ran; `Conv(affine=...)` folds the
     pair into the conv before it. Gradients reach `scale` and `bias` through the folded conv as
     they reach them through the BatchNorm (the same function of the same variables).
+
+    `prefolded`: the variables were folded ahead of time (`models/prefold.py`, a frozen
+    teacher's): `bias` holds the shift, the conv's kernel the scaled kernel, and the map is
+    (None, shift).
     """
 
     scale_init: nn.initializers.Initializer = nn.initializers.ones
+    prefolded: bool = False
 
     @nn.compact
     def __call__(self, features):
-        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        if self.prefolded:
+            return None, bias
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        # flax's BatchNorm on running statistics: (x - mean) * (rsqrt(var + eps) * scale) + bias.
-        mul = jax.lax.rsqrt(var.value + 1e-5) * scale
-        return mul, bias - mean.value * mul
+        return frozen_bn_affine(scale, bias, mean.value, var.value)
 
 
-GroupNorm32 = functools.partial(nn.GroupNorm, num_groups=32, epsilon=1e-5, param_dtype=jnp.float32)
+def frozen_bn_affine(scale, bias, mean, var):
+    """(mul, shift) of a BatchNorm on running statistics, [C] float32 each, as flax's
+    BatchNorm computes it: (x - mean) * (rsqrt(var + eps) * scale) + bias = x * mul + shift."""
+    mul = jax.lax.rsqrt(var + 1e-5) * scale
+    return mul, bias - mean * mul
 
 
 def max_pool_3x3_s2(x):
@@ -221,8 +246,8 @@ def conv_towers(x, *, num_convs, features, norm, dtype, hold=None, start=0):
     - `start`: only convs start + 1 .. num_convs run (the earlier ones are neither run nor
       created), on x, which is then what conv `start`'s ReLU gave (the input at 0); x may be a
       (cls, reg) pair, one input per tower.
-    The towers compute exactly what they did without these (the ReLU is the same op, applied
-    after the module instead of inside it), and their parameters keep their names.
+    The towers compute the same with or without these, and their parameters keep their
+    names.
 
     Args:
       x: [N, H, W, C], or a (cls, reg) pair of them.
@@ -233,6 +258,9 @@ def conv_towers(x, *, num_convs, features, norm, dtype, hold=None, start=0):
     c, r = x if isinstance(x, tuple) else (x, x)
     held = (c, r) if hold == 0 else None
     for i in range(start, num_convs):
+        # A GroupNorm conv applies its ReLU itself (its backward pass is cheaper so), and
+        # hands the pre-activation out beside it where that is held.
+        gn, here = norm is not None, hold == i + 1
         convs = []
         for tower in ("cls", "reg"):
             conv = Conv(
@@ -241,12 +269,17 @@ def conv_towers(x, *, num_convs, features, norm, dtype, hold=None, start=0):
                 kernel_init=normal_001,
                 norm=norm,
                 dtype=dtype,
-                activate=False,
+                activate=gn,
+                keep_pre=gn and here,
                 name=f"{tower}_convs_{i}",
             )
             convs.append(conv)
         c, r = convs[0](c), convs[1](r)
-        if hold == i + 1:
+        if gn and here:
+            (c, held_c), (r, held_r) = c, r
+            held = (held_c, held_r)
+        elif here:
             held = (c, r)
-        c, r = relu(c), relu(r)
+        if not gn:
+            c, r = relu(c), relu(r)
     return (c, r) if hold is None else (c, r, held)

@@ -8,8 +8,6 @@ Submodule names mirror mmdetection's state_dict: `conv1`, `bn1`, `layer{s}_{b}` 
 `conv1..3`, `bn1..3`, `downsample_conv`, `downsample_bn` (`layer1.0.downsample.0` in torch).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -19,24 +17,44 @@ from jdistill.models import layers
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-def conv_bn(x, features, kernel, stride, conv_name, bn_name, *, dtype, bn_train, fold, zero=False):
-    """A bias-free conv and its BatchNorm, named as mmdetection names them (`conv_name`,
-    `bn_name`), called from a module's compact method. With `fold` (and BN on running
-    statistics) the BN is folded into the conv (`layers.FrozenBatchNorm`): the same function
-    of the same variables, computed as one convolution with a bias. `zero`: the BN scale starts
-    at 0 (`zero_init_residual`). x: [N, H, W, C] -> [N, H / stride, W / stride, features]."""
+# The BatchNorm after each conv of the backbone, by the conv's name (mmdetection's names).
+BN_OF_CONV = {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3", "downsample_conv": "downsample_bn"}
+
+
+def conv_bn(
+    x,
+    features,
+    kernel,
+    stride,
+    conv_name,
+    *,
+    dtype,
+    bn_train,
+    fold,
+    prefolded=False,
+    zero=False,
+):
+    """A bias-free conv and its BatchNorm, named as mmdetection names them (`conv_name` and
+    `BN_OF_CONV[conv_name]`), called from a module's compact method. With `fold` (and BN on
+    running statistics) the BN is folded into the conv (`layers.FrozenBatchNorm`): the same
+    function of the same variables, computed as one convolution with a bias. `prefolded`: the
+    variables were folded ahead of time (`models/prefold.py`). `zero`: the BN scale starts at
+    0 (`zero_init_residual`). x: [N, H, W, C] -> [N, H / stride, W / stride, features]."""
+    bn_name = BN_OF_CONV[conv_name]
     scale_init = nn.initializers.zeros if zero else nn.initializers.ones
     conv = layers.Conv(features, kernel, stride, use_bias=False, dtype=dtype, name=conv_name)
-    if fold and not bn_train:
-        affine = layers.FrozenBatchNorm(scale_init=scale_init, name=bn_name)(features)
-        return conv(x, affine=affine)
+    if (fold or prefolded) and not bn_train:
+        affine = layers.FrozenBatchNorm(scale_init=scale_init, prefolded=prefolded, name=bn_name)
+        return conv(x, affine=affine(features))
     bn = layers.BatchNorm(
         use_running_average=not bn_train, dtype=dtype, scale_init=scale_init, name=bn_name
     )
     return bn(conv(x))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What a residual block is given, and its conv + BN (`conv_bn`) under those settings."""
+
     planes: int
     stride: int
     downsample: bool
@@ -44,38 +62,49 @@ class BasicBlock(nn.Module):
     dtype: jnp.dtype
     bn_train: bool = False
     fold_bn: bool = False
+    prefolded: bool = False
+
+    def cb(self, x, features, kernel, stride, conv_name, zero=False):
+        return conv_bn(
+            x,
+            features,
+            kernel,
+            stride,
+            conv_name,
+            dtype=self.dtype,
+            bn_train=self.bn_train,
+            fold=self.fold_bn,
+            prefolded=self.prefolded,
+            zero=zero,
+        )
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
-        cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
-        out = layers.relu(cb(x, self.planes, 3, self.stride, "conv1", "bn1"))
-        out = cb(out, self.planes, 3, 1, "conv2", "bn2", zero=True)
+        cb = self.cb
+        out = layers.relu(cb(x, self.planes, 3, self.stride, "conv1"))
+        out = cb(out, self.planes, 3, 1, "conv2", zero=True)
         if self.downsample:
-            x = cb(x, self.planes, 1, self.stride, "downsample_conv", "downsample_bn")
+            x = cb(x, self.planes, 1, self.stride, "downsample_conv")
         return layers.relu(out + x)
 
 
-class Bottleneck(nn.Module):
-    planes: int
-    stride: int
-    downsample: bool
-    style: str
-    dtype: jnp.dtype
-    bn_train: bool = False
-    fold_bn: bool = False
+class Bottleneck(_Block):
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        cb = functools.partial(conv_bn, dtype=self.dtype, bn_train=self.bn_train, fold=self.fold_bn)
+        cb = self.cb
         # pytorch style strides the 3x3 conv; caffe style the first 1x1 (resnet.py:155).
         s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
-        out = layers.relu(cb(x, self.planes, 1, s1, "conv1", "bn1"))
-        out = layers.relu(cb(out, self.planes, 3, s2, "conv2", "bn2"))
-        out = cb(out, self.planes * 4, 1, 1, "conv3", "bn3", zero=True)
+        out = layers.relu(cb(x, self.planes, 1, s1, "conv1"))
+        out = layers.relu(cb(out, self.planes, 3, s2, "conv2"))
+        out = cb(out, self.planes * 4, 1, 1, "conv3", zero=True)
         if self.downsample:
-            x = cb(x, self.planes * 4, 1, self.stride, "downsample_conv", "downsample_bn")
+            x = cb(x, self.planes * 4, 1, self.stride, "downsample_conv")
         return layers.relu(out + x)
 
 
@@ -96,6 +125,8 @@ class ResNet(nn.Module):
       fold_bn: a BN on running statistics is folded into the conv before it (`conv_bn`): the
         same function of the same variables with less memory traffic (a conv with a bias fuses
         with its ReLU and residual add); BN on batch statistics is never folded.
+      prefolded: the variables were folded ahead of time (`models/prefold.py`, a frozen
+        teacher's): each conv reads its folded kernel, each BN its shift.
     """
 
     depth: int = 50
@@ -105,11 +136,21 @@ class ResNet(nn.Module):
     norm_eval: bool = True
     dtype: jnp.dtype = jnp.float32
     fold_bn: bool = False
+    prefolded: bool = False
 
     @classmethod
     def of(cls, detector, **kwargs):
         """The backbone a detector module describes with its own fields of the same names."""
-        names = ("depth", "style", "frozen_stages", "width", "norm_eval", "dtype", "fold_bn")
+        names = (
+            "depth",
+            "style",
+            "frozen_stages",
+            "width",
+            "norm_eval",
+            "dtype",
+            "fold_bn",
+            "prefolded",
+        )
         return cls(**{n: getattr(detector, n) for n in names}, **kwargs)
 
     @nn.compact
@@ -127,7 +168,15 @@ class ResNet(nn.Module):
         block_cls = BasicBlock if self.depth < 50 else Bottleneck
         base = max(1, int(round(64 * self.width)))
         x = conv_bn(
-            x, base, 7, 2, "conv1", "bn1", dtype=self.dtype, bn_train=bn_train(0), fold=self.fold_bn
+            x,
+            base,
+            7,
+            2,
+            "conv1",
+            dtype=self.dtype,
+            bn_train=bn_train(0),
+            fold=self.fold_bn,
+            prefolded=self.prefolded,
         )
         x = layers.relu(x)
         x = layers.max_pool_3x3_s2(x)
@@ -148,6 +197,7 @@ class ResNet(nn.Module):
                     self.dtype,
                     bn_train(s + 1),
                     self.fold_bn,
+                    self.prefolded,
                     name=f"layer{s + 1}_{b}",
                 )(x)
                 in_ch = planes * block_cls.expansion
