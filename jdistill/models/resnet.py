@@ -8,6 +8,8 @@ Submodule names mirror mmdetection's state_dict: `conv1`, `bn1`, `layer{s}_{b}` 
 `conv1..3`, `bn1..3`, `downsample_conv`, `downsample_bn` (`layer1.0.downsample.0` in torch).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -53,7 +55,7 @@ def conv_bn(
 
 
 class _Block(nn.Module):
-    """What a residual block is given, and its conv + BN (`conv_bn`) under those settings."""
+    """What a residual block is given; `block_conv_bn` is its conv + BN under those settings."""
 
     planes: int
     stride: int
@@ -64,19 +66,22 @@ class _Block(nn.Module):
     fold_bn: bool = False
     prefolded: bool = False
 
-    def cb(self, x, features, kernel, stride, conv_name, zero=False):
-        return conv_bn(
-            x,
-            features,
-            kernel,
-            stride,
-            conv_name,
-            dtype=self.dtype,
-            bn_train=self.bn_train,
-            fold=self.fold_bn,
-            prefolded=self.prefolded,
-            zero=zero,
-        )
+
+def block_conv_bn(block, x, features, kernel, stride, conv_name, zero=False):
+    """`conv_bn` with a block's dtype and BN settings. A function, not a method: a method
+    would add its name to every op's name (`layer1_0.cb/conv1/...`) in compiled programs."""
+    return conv_bn(
+        x,
+        features,
+        kernel,
+        stride,
+        conv_name,
+        dtype=block.dtype,
+        bn_train=block.bn_train,
+        fold=block.fold_bn,
+        prefolded=block.prefolded,
+        zero=zero,
+    )
 
 
 class BasicBlock(_Block):
@@ -84,7 +89,7 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x):
-        cb = self.cb
+        cb = functools.partial(block_conv_bn, self)
         out = layers.relu(cb(x, self.planes, 3, self.stride, "conv1"))
         out = cb(out, self.planes, 3, 1, "conv2", zero=True)
         if self.downsample:
@@ -97,7 +102,7 @@ class Bottleneck(_Block):
 
     @nn.compact
     def __call__(self, x):
-        cb = self.cb
+        cb = functools.partial(block_conv_bn, self)
         # pytorch style strides the 3x3 conv; caffe style the first 1x1 (resnet.py:155).
         s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
         out = layers.relu(cb(x, self.planes, 1, s1, "conv1"))
