@@ -90,7 +90,7 @@ def apply_level(params, level, x):
     precision) -> [N, H, W, C_t] float32 (SAME, stride 1). The conv runs in the student's
     compute dtype, as every conv does (rule 8); the loss that compares its output with the
     teacher's features (themselves computed in that dtype) runs in float32. A float32 conv on
-    bfloat16 features converted first moved 0.12 GiB per image more in FRS-GFL's bf16 step on
+    bfloat16 features converted first moved 0.17 GiB per image more in FRS-GFL's bf16 step on
     an H100 (README, "Before you rent").
     """
     p = params[f"level_{level}"]

@@ -7,7 +7,7 @@ reads and two writes of an activation-sized array per layer, plus the ReLU outpu
 mask. Here the backward pass recomputes the mask from the conv output it reads anyway (the
 normalised value's sign, rounded to the output dtype as the forward pass rounded it), so it
 reads the conv output and the gradient twice (once for the per-channel sums, once for the
-input gradient) and writes the input gradient: 0.05 GiB per image less in FRS-GFL's bf16 step
+input gradient) and writes the input gradient: 0.14 GiB per image less in FRS-GFL's bf16 step
 on an H100 (README, "Before you rent").
 
 The forward pass is flax's `nn.GroupNorm` (fast variance, float32 statistics, epsilon 1e-5)

@@ -2,8 +2,8 @@
 
 A student folds each BN on running statistics into the conv before it inside the step
 (`layers.FrozenBatchNorm`), since its scale and shift train. A teacher never changes, yet its
-step would read every float32 kernel and write a scaled bfloat16 copy of it each time: 0.1 GiB
-per image of FRS-GFL's bf16 step (R101 teacher) on an H100. Folded here once, in the compute
+step would read every float32 kernel and write a scaled bfloat16 copy of it each time: 0.13
+GiB per image of FRS-GFL's bf16 step (R101 teacher) on an H100. Folded here once, in the compute
 dtype, the step's convs read the teacher's kernels as they are.
 
 The folded variables hold, for each backbone conv and its BN: the conv's `kernel`
@@ -11,7 +11,7 @@ The folded variables hold, for each backbone conv and its BN: the conv's `kernel
 step) and the BN's `bias` (the shift); the BN's scale and statistics are gone. Every other
 conv kernel is cast to the compute dtype, as the conv would cast it. The module that reads
 them is the detector's with `prefolded=True` (`detector`), and computes the same function:
-bit for bit where XLA rounds the fold as it does in the step (tests/test_prefold.py).
+bit for bit where XLA rounds the fold as it does in the step (tests/test_traffic_levers.py).
 """
 
 import copy
