@@ -7,7 +7,8 @@ family, as teacher (everything frozen) and as student (trainable BN affine, froz
 on batch statistics is never folded. `layers.relu`, whose backward pass reads its output:
 values and gradients bit for bit `jax.nn.relu`'s. A teacher folded once before training
 (`models/prefold.py`): the step's numbers bit for bit. Kernels laid out output-channel major
-(`layouts.py`): the same numbers, and checkpoints that restore."""
+(`layouts.py`): the same numbers, and checkpoints that restore. GroupNorm + ReLU with its
+own backward pass (`models/group_norm.py`): flax's values, and gradients within 1e-5."""
 
 import jax
 import jax.numpy as jnp
