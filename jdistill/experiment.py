@@ -461,16 +461,18 @@ def place_teacher(model_cfg, teacher, variables, mesh, *, abstract=False):
     Returns:
       (the detector that reads the result, the variables, their jit argument specs).
     """
-    fold = lambda v: v  # noqa: E731
+    fold = None
     if model_cfg.fold_bn:
         dtype = layers.compute_dtype(model_cfg.dtype)
         fold = lambda v: prefold.variables(v, dtype)  # noqa: E731
         teacher = prefold.detector(teacher)
-    shapes = jax.eval_shape(fold, variables)
+    shapes = jax.eval_shape(fold, variables) if fold else variables
     replicated = parallel.replicated(mesh)
     specs = layouts.formats(shapes, jax.tree_util.tree_map(lambda _: replicated, shapes), mesh)
     if abstract:
         return teacher, with_sharding(shapes, specs), specs
+    if fold is None:  # placed as they are (no copy where the layout is already theirs)
+        return teacher, jax.device_put(variables, specs), specs
     return teacher, jax.jit(fold, out_shardings=specs)(variables), specs
 
 
